@@ -1,0 +1,210 @@
+//! Reads the residual stream at each prompt's last token, many prompts per
+//! `llama_decode`, with the shared templated prefix decoded once.
+
+use anyhow::{bail, Result};
+use indicatif::ProgressBar;
+use ndarray::Array3;
+
+use crate::llama::{Batch, Context, LayerHook, LayerOutput, Model, NoHook};
+
+/// Where a prompt's last token sits in the batch being decoded.
+#[derive(Clone, Copy, Debug)]
+pub struct LastToken {
+    /// Row among all tokens of the batch (every layer but the last).
+    pub token_row: usize,
+    /// Row among the tokens that requested output (the last layer keeps only these).
+    pub output_row: usize,
+    pub prompt: usize,
+}
+
+/// A hook that is told, before each decode, where the prompts' last tokens are.
+pub trait BatchAware: LayerHook {
+    fn plan(&mut self, n_tokens: usize, last_tokens: &[LastToken]);
+}
+
+impl BatchAware for NoHook {
+    fn plan(&mut self, _: usize, _: &[LastToken]) {}
+}
+
+/// Copies the last-token rows of the chosen layers into `[prompt, layer, n_embd]`.
+pub struct CaptureHook {
+    layers: Vec<bool>,
+    n_embd: usize,
+    n_tokens: usize,
+    plan: Vec<LastToken>,
+    acts: Array3<f32>,
+}
+
+impl CaptureHook {
+    /// Captures `layers` (llama.cpp layer indices) of a model with `n_layer` blocks.
+    pub fn new(model: &Model, layers: &[usize]) -> CaptureHook {
+        let mut wanted = vec![false; model.n_layer()];
+        for &l in layers {
+            wanted[l] = true;
+        }
+        CaptureHook {
+            layers: wanted,
+            n_embd: model.n_embd(),
+            n_tokens: 0,
+            plan: Vec::new(),
+            acts: Array3::zeros((0, model.n_layer(), model.n_embd())),
+        }
+    }
+
+    fn reset(&mut self, n_prompts: usize) {
+        self.acts = Array3::zeros((n_prompts, self.layers.len(), self.n_embd));
+    }
+}
+
+impl LayerHook for CaptureHook {
+    fn wants(&mut self, layer: usize) -> bool {
+        !self.plan.is_empty() && self.layers.get(layer).copied().unwrap_or(false)
+    }
+
+    fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) {
+        let n_embd = self.n_embd;
+        let all_rows = out.rows() == self.n_tokens;
+        let (plan, acts) = (&self.plan, &mut self.acts);
+        out.read(|data| {
+            for t in plan {
+                let row = if all_rows { t.token_row } else { t.output_row };
+                let src = &data[row * n_embd..(row + 1) * n_embd];
+                acts.slice_mut(ndarray::s![t.prompt, layer, ..]).as_slice_mut().unwrap().copy_from_slice(src);
+            }
+        });
+    }
+}
+
+impl BatchAware for CaptureHook {
+    fn plan(&mut self, n_tokens: usize, last_tokens: &[LastToken]) {
+        self.n_tokens = n_tokens;
+        self.plan.clear();
+        self.plan.extend_from_slice(last_tokens);
+    }
+}
+
+/// Length of the token prefix all prompts share, leaving each at least one own token.
+pub fn shared_prefix_len(prompts: &[Vec<i32>]) -> usize {
+    let Some(first) = prompts.first() else { return 0 };
+    let mut len = prompts.iter().map(|p| p.len()).min().unwrap_or(0).saturating_sub(1);
+    for p in &prompts[1..] {
+        len = len.min(first.iter().zip(p).take_while(|(a, b)| a == b).count());
+    }
+    len
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DecodeStats {
+    pub prompts: usize,
+    /// Tokens actually decoded (the shared prefix counts once).
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+impl DecodeStats {
+    pub fn tokens_per_second(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Decodes every prompt up to its last token, one sequence per prompt, as many
+/// per batch as fit. With `reuse_prefix`, the shared prefix is decoded once in
+/// sequence 0 and shared with the others through the KV cache.
+pub fn decode_prompts<H: BatchAware>(
+    ctx: &mut Context<'_, H>,
+    prompts: &[Vec<i32>],
+    reuse_prefix: bool,
+    progress: &ProgressBar,
+) -> Result<DecodeStats> {
+    let start = std::time::Instant::now();
+    let prefix = if reuse_prefix { shared_prefix_len(prompts) } else { 0 };
+    let n_ctx = ctx.n_ctx();
+    if prefix + 1 > n_ctx {
+        bail!("the shared prompt prefix ({prefix} tokens) does not fit the context ({n_ctx})");
+    }
+    let budget = ctx.n_batch().min(n_ctx - prefix);
+    let max_seqs = ctx.n_seq_max() - 1;
+    let mut batch = Batch::new(ctx.n_batch());
+    let mut last_tokens = Vec::new();
+    let mut decoded = 0;
+
+    ctx.clear_memory();
+    let mut flush = |ctx: &mut Context<'_, H>, batch: &mut Batch, last_tokens: &mut Vec<LastToken>| -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        ctx.hook_mut().plan(batch.len(), last_tokens);
+        ctx.decode(batch)?;
+        decoded += batch.len();
+        batch.clear();
+        last_tokens.clear();
+        Ok(())
+    };
+
+    if prefix > 0 {
+        for (pos, &token) in prompts[0][..prefix].iter().enumerate() {
+            if batch.len() == batch.capacity() {
+                flush(ctx, &mut batch, &mut last_tokens)?;
+            }
+            batch.add(token, pos as i32, 0, false);
+        }
+        flush(ctx, &mut batch, &mut last_tokens)?;
+    }
+
+    let mut next = 0;
+    while next < prompts.len() {
+        let mut chunk = Vec::new();
+        let mut tokens = 0;
+        while next < prompts.len() && chunk.len() < max_seqs {
+            let own = prompts[next].len() - prefix;
+            if !chunk.is_empty() && tokens + own > budget {
+                break;
+            }
+            chunk.push(next);
+            tokens += own;
+            next += 1;
+        }
+        for seq in 1..=chunk.len() as i32 {
+            if prefix > 0 {
+                ctx.seq_cp(0, seq, -1, -1);
+            }
+        }
+        let mut outputs = 0;
+        for (j, &p) in chunk.iter().enumerate() {
+            let own = &prompts[p][prefix..];
+            for (k, &token) in own.iter().enumerate() {
+                if batch.len() == batch.capacity() {
+                    flush(ctx, &mut batch, &mut last_tokens)?;
+                    outputs = 0;
+                }
+                let last = k + 1 == own.len();
+                if last {
+                    last_tokens.push(LastToken { token_row: batch.len(), output_row: outputs, prompt: p });
+                    outputs += 1;
+                }
+                batch.add(token, (prefix + k) as i32, j as i32 + 1, last);
+            }
+        }
+        flush(ctx, &mut batch, &mut last_tokens)?;
+        for seq in 1..=chunk.len() as i32 {
+            ctx.seq_rm(seq, -1, -1);
+        }
+        progress.inc(chunk.len() as u64);
+    }
+    Ok(DecodeStats { prompts: prompts.len(), tokens: decoded, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// Last-token activations `[prompt, layer, n_embd]` of the given layers
+/// (other layers stay zero).
+pub fn capture(
+    ctx: &mut Context<'_, CaptureHook>,
+    prompts: &[Vec<i32>],
+    reuse_prefix: bool,
+    progress: &ProgressBar,
+) -> Result<(Array3<f32>, DecodeStats)> {
+    ctx.hook_mut().reset(prompts.len());
+    let stats = decode_prompts(ctx, prompts, reuse_prefix, progress)?;
+    ctx.hook_mut().plan(0, &[]);
+    let acts = std::mem::replace(&mut ctx.hook_mut().acts, Array3::zeros((0, 0, 0)));
+    Ok((acts, stats))
+}

@@ -1,0 +1,16 @@
+//! inferalign: inference-time alignment (InferAligner) for GGUF models,
+//! inside llama.cpp's graph.
+//!
+//! extract → vector file → gate (and, later, steer):
+//! - [`capture`] reads last-token activations through the eval callback,
+//! - [`extract`] turns them into safety-related vectors,
+//! - [`gate`] decides from one layer whether a request is harmful,
+//! - [`vectors`] reads and writes llama.cpp control-vector GGUF files,
+//! - [`llama`] is the only place that calls llama.cpp unsafely.
+
+pub mod capture;
+pub mod extract;
+pub mod gate;
+pub mod llama;
+pub mod prompts;
+pub mod vectors;

@@ -1,0 +1,598 @@
+//! Every `unsafe` call into llama.cpp lives here, behind a safe interface.
+//!
+//! llama-cpp-2 loads the model, tokenizes and applies chat templates. It cannot
+//! install an eval callback nor apply control vectors, so contexts, batches,
+//! decoding and GGUF I/O go through llama-cpp-sys-2 directly.
+
+use std::ffi::{c_void, CStr, CString};
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_sys_2 as sys;
+
+static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+
+/// The process-wide llama.cpp backend. llama.cpp's own logging is silenced
+/// unless `INFERALIGN_LLAMA_LOG` is set, so our errors stay readable.
+pub fn backend() -> &'static LlamaBackend {
+    BACKEND.get_or_init(|| {
+        let mut backend = LlamaBackend::init().expect("llama.cpp backend initialises once");
+        if std::env::var_os("INFERALIGN_LLAMA_LOG").is_none() {
+            backend.void_logs();
+        }
+        backend
+    })
+}
+
+/// A loaded GGUF model.
+pub struct Model {
+    inner: LlamaModel,
+    pub path: PathBuf,
+}
+
+impl Model {
+    pub fn load(path: &Path, n_gpu_layers: u32) -> Result<Model> {
+        if !path.is_file() {
+            bail!("model file {} does not exist", path.display());
+        }
+        let params = LlamaModelParams::default().with_n_gpu_layers(n_gpu_layers);
+        let inner = LlamaModel::load_from_file(backend(), path, &params).map_err(|e| {
+            anyhow!("cannot load model {}: {e} (is it a complete, valid GGUF model?)", path.display())
+        })?;
+        Ok(Model { inner, path: path.to_path_buf() })
+    }
+
+    /// The safe llama-cpp-2 handle, for tokenizing and chat templates.
+    pub fn llama(&self) -> &LlamaModel {
+        &self.inner
+    }
+
+    pub fn n_embd(&self) -> usize {
+        self.inner.n_embd() as usize
+    }
+
+    pub fn n_layer(&self) -> usize {
+        self.inner.n_layer() as usize
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.inner.n_vocab() as usize
+    }
+
+    pub fn meta(&self, key: &str) -> Option<String> {
+        self.inner.meta_val_str(key).ok()
+    }
+
+    fn raw(&self) -> *mut sys::llama_model {
+        // SAFETY: `LlamaModel` is `#[repr(transparent)]` over a non-null
+        // `llama_model` pointer, so its first (and only) word is that pointer.
+        unsafe { *(&self.inner as *const LlamaModel as *const *mut sys::llama_model) }
+    }
+}
+
+/// One graph node that a [`LayerHook`] asked to see: the output of a
+/// transformer block (`l_out-<layer>`), `[n_embd, rows]`, F32.
+pub struct LayerOutput<'a> {
+    tensor: *mut sys::ggml_tensor,
+    n_embd: usize,
+    rows: usize,
+    scratch: &'a mut Vec<f32>,
+    host: bool,
+}
+
+impl LayerOutput<'_> {
+    pub fn n_embd(&self) -> usize {
+        self.n_embd
+    }
+
+    /// Rows in this ubatch: every token, except in the last layer where
+    /// llama.cpp keeps only the rows of tokens that requested output.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Reads the rows (row-major, `rows * n_embd`).
+    pub fn read<R>(&mut self, f: impl FnOnce(&[f32]) -> R) -> R {
+        let len = self.rows * self.n_embd;
+        if self.host {
+            // SAFETY: host buffer, contiguous F32 checked by the trampoline.
+            f(unsafe { std::slice::from_raw_parts((*self.tensor).data as *const f32, len) })
+        } else {
+            self.scratch.resize(len, 0.0);
+            // SAFETY: synchronous copy of exactly the tensor's bytes.
+            unsafe {
+                sys::ggml_backend_tensor_get(self.tensor, self.scratch.as_mut_ptr() as *mut c_void, 0, len * 4)
+            };
+            f(self.scratch)
+        }
+    }
+
+    /// Edits the rows in place; what is written flows into every later node.
+    pub fn modify<R>(&mut self, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        let len = self.rows * self.n_embd;
+        if self.host {
+            // SAFETY: as in `read`; nothing else touches the tensor while the
+            // scheduler waits for this callback.
+            f(unsafe { std::slice::from_raw_parts_mut((*self.tensor).data as *mut f32, len) })
+        } else {
+            self.scratch.resize(len, 0.0);
+            unsafe {
+                sys::ggml_backend_tensor_get(self.tensor, self.scratch.as_mut_ptr() as *mut c_void, 0, len * 4)
+            };
+            let result = f(self.scratch);
+            unsafe {
+                sys::ggml_backend_tensor_set(self.tensor, self.scratch.as_ptr() as *const c_void, 0, len * 4)
+            };
+            result
+        }
+    }
+}
+
+/// Observes and edits block outputs while llama.cpp computes a graph.
+pub trait LayerHook {
+    /// Asked once per graph node named `l_out-<layer>`; each `true` costs a sync point.
+    fn wants(&mut self, layer: usize) -> bool;
+    /// Called with the computed block output, before any later node runs.
+    fn on_layer(&mut self, layer: usize, out: &mut LayerOutput);
+}
+
+/// A context with no eval callback at all: plain llama.cpp.
+pub struct NoHook;
+
+impl LayerHook for NoHook {
+    fn wants(&mut self, _: usize) -> bool {
+        false
+    }
+    fn on_layer(&mut self, _: usize, _: &mut LayerOutput) {}
+}
+
+struct HookCell<H> {
+    hook: H,
+    scratch: Vec<f32>,
+    force_device_copy: bool,
+}
+
+fn layer_of(name: &[std::os::raw::c_char; 64]) -> Option<usize> {
+    const PREFIX: &[u8] = b"l_out-";
+    // SAFETY: ggml names are NUL-terminated within their 64 bytes.
+    let name = unsafe { CStr::from_ptr(name.as_ptr()) }.to_bytes();
+    let digits = name.strip_prefix(PREFIX)?;
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+unsafe extern "C" fn trampoline<H: LayerHook>(t: *mut sys::ggml_tensor, ask: bool, user_data: *mut c_void) -> bool {
+    let cell = &mut *(user_data as *mut HookCell<H>);
+    let tensor = &*t;
+    let Some(layer) = layer_of(&tensor.name) else {
+        return !ask;
+    };
+    if ask {
+        return cell.hook.wants(layer);
+    }
+    let contiguous_f32 = tensor.type_ == sys::GGML_TYPE_F32 && tensor.nb[0] == 4 && tensor.nb[1] == 4 * tensor.ne[0] as usize;
+    if !contiguous_f32 {
+        // Nothing sensible to read; llama.cpp must still go on.
+        return true;
+    }
+    let host = !cell.force_device_copy && !tensor.buffer.is_null() && sys::ggml_backend_buffer_is_host(tensor.buffer);
+    let mut out = LayerOutput {
+        tensor: t,
+        n_embd: tensor.ne[0] as usize,
+        rows: tensor.ne[1] as usize,
+        scratch: &mut cell.scratch,
+        host,
+    };
+    cell.hook.on_layer(layer, &mut out);
+    true
+}
+
+#[derive(Clone, Debug)]
+pub struct ContextParams {
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_seq_max: u32,
+    pub n_threads: i32,
+    /// Read and write hooked tensors through the backend copy functions even
+    /// when they live in host memory, to exercise the GPU path on CPU.
+    pub force_device_copy: bool,
+}
+
+impl Default for ContextParams {
+    fn default() -> Self {
+        ContextParams { n_ctx: 4096, n_batch: 512, n_seq_max: 64, n_threads: default_threads(), force_device_copy: false }
+    }
+}
+
+pub fn default_threads() -> i32 {
+    std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(4)
+}
+
+/// A llama.cpp context whose graph callback is `H`.
+pub struct Context<'m, H: LayerHook> {
+    raw: NonNull<sys::llama_context>,
+    cell: Box<HookCell<H>>,
+    n_batch: usize,
+    n_seq_max: usize,
+    _model: PhantomData<&'m Model>,
+}
+
+#[derive(Debug)]
+pub enum DecodeError {
+    /// No room left in the KV cache for this batch.
+    NoKvSlot,
+    Failed(i32),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::NoKvSlot => write!(f, "no room left in the context (KV cache) for this batch"),
+            DecodeError::Failed(code) => write!(f, "llama_decode failed with code {code}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+impl<'m, H: LayerHook> Context<'m, H> {
+    /// `with_callback = false` creates a context with no eval callback, as
+    /// plain llama.cpp does (the hook then never runs).
+    pub fn new(model: &'m Model, params: &ContextParams, hook: H, with_callback: bool) -> Result<Self> {
+        let mut cell = Box::new(HookCell { hook, scratch: Vec::new(), force_device_copy: params.force_device_copy });
+        // SAFETY: plain struct of defaults.
+        let mut raw_params = unsafe { sys::llama_context_default_params() };
+        raw_params.n_ctx = params.n_ctx;
+        raw_params.n_batch = params.n_batch;
+        // One ubatch per batch keeps row order simple; split_simple preserves
+        // order anyway when a batch is larger.
+        raw_params.n_ubatch = params.n_batch;
+        raw_params.n_seq_max = params.n_seq_max;
+        raw_params.n_threads = params.n_threads;
+        raw_params.n_threads_batch = params.n_threads;
+        // A unified KV cache lets sequences share a decoded prefix without copying.
+        raw_params.kv_unified = true;
+        raw_params.no_perf = true;
+        if with_callback {
+            raw_params.cb_eval = Some(trampoline::<H>);
+            raw_params.cb_eval_user_data = &mut *cell as *mut HookCell<H> as *mut c_void;
+        }
+        // SAFETY: the model outlives the context ('m); the callback's user data
+        // is boxed, so it does not move while the context lives.
+        let raw = unsafe { sys::llama_init_from_model(model.raw(), raw_params) };
+        let raw = NonNull::new(raw).ok_or_else(|| {
+            anyhow!("llama.cpp could not create a context (n_ctx {}, n_batch {}); try a smaller --ctx-size", params.n_ctx, params.n_batch)
+        })?;
+        Ok(Context { raw, cell, n_batch: params.n_batch as usize, n_seq_max: params.n_seq_max as usize, _model: PhantomData })
+    }
+
+    pub fn hook(&self) -> &H {
+        &self.cell.hook
+    }
+
+    pub fn hook_mut(&mut self) -> &mut H {
+        &mut self.cell.hook
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        unsafe { sys::llama_n_ctx(self.raw.as_ptr()) as usize }
+    }
+
+    pub fn n_batch(&self) -> usize {
+        self.n_batch
+    }
+
+    pub fn n_seq_max(&self) -> usize {
+        self.n_seq_max
+    }
+
+    pub fn decode(&mut self, batch: &mut Batch) -> std::result::Result<(), DecodeError> {
+        // SAFETY: the batch is valid for its n_tokens; the hook cell is only
+        // touched by the callback on this thread during the call.
+        let rc = unsafe { sys::llama_decode(self.raw.as_ptr(), batch.raw) };
+        match rc {
+            0 => Ok(()),
+            1 => Err(DecodeError::NoKvSlot),
+            code => Err(DecodeError::Failed(code)),
+        }
+    }
+
+    fn memory(&self) -> sys::llama_memory_t {
+        unsafe { sys::llama_get_memory(self.raw.as_ptr()) }
+    }
+
+    pub fn clear_memory(&mut self) {
+        unsafe { sys::llama_memory_clear(self.memory(), true) }
+    }
+
+    /// Removes positions `[p0, p1)` of `seq` (`-1` = to the end).
+    pub fn seq_rm(&mut self, seq: i32, p0: i32, p1: i32) {
+        unsafe { sys::llama_memory_seq_rm(self.memory(), seq, p0, p1) };
+    }
+
+    /// Shares positions `[p0, p1)` of `src` with `dst` (no copy in a unified cache).
+    pub fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32) {
+        unsafe { sys::llama_memory_seq_cp(self.memory(), src, dst, p0, p1) }
+    }
+
+    /// Logits of the `i`-th token of the last batch (must have requested output).
+    pub fn logits(&self, i: i32) -> &[f32] {
+        let n_vocab = unsafe { sys::llama_vocab_n_tokens(sys::llama_model_get_vocab(sys::llama_get_model(self.raw.as_ptr()))) };
+        let ptr = unsafe { sys::llama_get_logits_ith(self.raw.as_ptr(), i) };
+        assert!(!ptr.is_null(), "token {i} of the last batch did not request logits");
+        // SAFETY: llama.cpp keeps n_vocab logits for that output until the next decode.
+        unsafe { std::slice::from_raw_parts(ptr, n_vocab as usize) }
+    }
+
+    /// llama.cpp's own control vector: `data` holds layers 1..n_layer, n_embd each;
+    /// applied to layers `il_start..=il_end`. `None` clears it.
+    pub fn set_control_vector(&mut self, data: Option<(&[f32], usize, i32, i32)>) -> Result<()> {
+        let rc = match data {
+            Some((data, n_embd, il_start, il_end)) => unsafe {
+                sys::llama_set_adapter_cvec(self.raw.as_ptr(), data.as_ptr(), data.len(), n_embd as i32, il_start, il_end)
+            },
+            None => unsafe { sys::llama_set_adapter_cvec(self.raw.as_ptr(), std::ptr::null(), 0, 0, -1, -1) },
+        };
+        if rc != 0 {
+            bail!("llama.cpp rejected the control vector (code {rc})");
+        }
+        Ok(())
+    }
+}
+
+impl<H: LayerHook> Drop for Context<'_, H> {
+    fn drop(&mut self) {
+        unsafe { sys::llama_free(self.raw.as_ptr()) }
+    }
+}
+
+/// Tokens for one `llama_decode`, one sequence id per token.
+pub struct Batch {
+    raw: sys::llama_batch,
+    capacity: usize,
+}
+
+impl Batch {
+    pub fn new(capacity: usize) -> Batch {
+        let raw = unsafe { sys::llama_batch_init(capacity as i32, 0, 1) };
+        Batch { raw, capacity }
+    }
+
+    pub fn len(&self) -> usize {
+        self.raw.n_tokens as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.raw.n_tokens == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn clear(&mut self) {
+        self.raw.n_tokens = 0;
+    }
+
+    pub fn add(&mut self, token: i32, pos: i32, seq: i32, output: bool) {
+        let i = self.raw.n_tokens as usize;
+        assert!(i < self.capacity, "batch capacity {} exceeded", self.capacity);
+        // SAFETY: llama_batch_init allocated `capacity` entries, one seq id each.
+        unsafe {
+            *self.raw.token.add(i) = token;
+            *self.raw.pos.add(i) = pos;
+            *self.raw.n_seq_id.add(i) = 1;
+            **self.raw.seq_id.add(i) = seq;
+            *self.raw.logits.add(i) = output as i8;
+        }
+        self.raw.n_tokens += 1;
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        unsafe { sys::llama_batch_free(self.raw) }
+    }
+}
+
+/// A metadata value in a GGUF file, for the types we read and write.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GgufValue {
+    Str(String),
+    U32(u32),
+    U64(u64),
+    F32(f32),
+    F32Array(Vec<f32>),
+    U32Array(Vec<u32>),
+    Other,
+}
+
+/// A GGUF file read whole through llama.cpp's gguf API.
+pub struct GgufFile {
+    gguf: NonNull<sys::gguf_context>,
+    tensors: *mut sys::ggml_context,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<GgufFile> {
+        if !path.is_file() {
+            bail!("{} does not exist", path.display());
+        }
+        let cpath = CString::new(path.as_os_str().as_encoded_bytes()).context("path contains a NUL byte")?;
+        let mut tensors: *mut sys::ggml_context = std::ptr::null_mut();
+        let params = sys::gguf_init_params { no_alloc: false, ctx: &mut tensors };
+        let gguf = unsafe { sys::gguf_init_from_file(cpath.as_ptr(), params) };
+        let gguf = NonNull::new(gguf)
+            .ok_or_else(|| anyhow!("{} is not a readable GGUF file (corrupt or truncated)", path.display()))?;
+        Ok(GgufFile { gguf, tensors })
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        let n = unsafe { sys::gguf_get_n_kv(self.gguf.as_ptr()) };
+        (0..n).map(|i| unsafe { cstr(sys::gguf_get_key(self.gguf.as_ptr(), i)) }).collect()
+    }
+
+    pub fn get(&self, key: &str) -> Option<GgufValue> {
+        let ckey = CString::new(key).ok()?;
+        let ctx = self.gguf.as_ptr();
+        let id = unsafe { sys::gguf_find_key(ctx, ckey.as_ptr()) };
+        if id < 0 {
+            return None;
+        }
+        // Type checks first: the gguf getters abort on a type mismatch.
+        let value = unsafe {
+            match sys::gguf_get_kv_type(ctx, id) {
+                sys::GGUF_TYPE_STRING => GgufValue::Str(cstr(sys::gguf_get_val_str(ctx, id))),
+                sys::GGUF_TYPE_UINT32 => GgufValue::U32(sys::gguf_get_val_u32(ctx, id)),
+                sys::GGUF_TYPE_UINT64 => GgufValue::U64(sys::gguf_get_val_u64(ctx, id)),
+                sys::GGUF_TYPE_FLOAT32 => GgufValue::F32(sys::gguf_get_val_f32(ctx, id)),
+                sys::GGUF_TYPE_ARRAY => {
+                    let n = sys::gguf_get_arr_n(ctx, id);
+                    let data = sys::gguf_get_arr_data(ctx, id);
+                    match sys::gguf_get_arr_type(ctx, id) {
+                        sys::GGUF_TYPE_FLOAT32 => GgufValue::F32Array(std::slice::from_raw_parts(data as *const f32, n).to_vec()),
+                        sys::GGUF_TYPE_UINT32 => GgufValue::U32Array(std::slice::from_raw_parts(data as *const u32, n).to_vec()),
+                        _ => GgufValue::Other,
+                    }
+                }
+                _ => GgufValue::Other,
+            }
+        };
+        Some(value)
+    }
+
+    pub fn tensor_names(&self) -> Vec<String> {
+        let n = unsafe { sys::gguf_get_n_tensors(self.gguf.as_ptr()) };
+        (0..n).map(|i| unsafe { cstr(sys::gguf_get_tensor_name(self.gguf.as_ptr(), i)) }).collect()
+    }
+
+    /// A 1-D F32 tensor's values.
+    pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let cname = CString::new(name)?;
+        let t = unsafe { sys::ggml_get_tensor(self.tensors, cname.as_ptr()) };
+        if t.is_null() {
+            bail!("tensor {name} is missing");
+        }
+        let tensor = unsafe { &*t };
+        if tensor.type_ != sys::GGML_TYPE_F32 {
+            bail!("tensor {name} is not F32");
+        }
+        if unsafe { sys::ggml_n_dims(t) } != 1 {
+            bail!("tensor {name} is not one-dimensional");
+        }
+        let n = tensor.ne[0] as usize;
+        // SAFETY: no_alloc = false loaded the data into the ggml context.
+        Ok(unsafe { std::slice::from_raw_parts(tensor.data as *const f32, n) }.to_vec())
+    }
+}
+
+impl Drop for GgufFile {
+    fn drop(&mut self) {
+        unsafe {
+            sys::gguf_free(self.gguf.as_ptr());
+            if !self.tensors.is_null() {
+                sys::ggml_free(self.tensors);
+            }
+        }
+    }
+}
+
+unsafe fn cstr(p: *const std::os::raw::c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    CStr::from_ptr(p).to_string_lossy().into_owned()
+}
+
+/// Builds a GGUF file of metadata and 1-D F32 tensors.
+pub struct GgufWriter {
+    kv: Vec<(String, GgufValue)>,
+    tensors: Vec<(String, Vec<f32>)>,
+}
+
+impl Default for GgufWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GgufWriter {
+    pub fn new() -> GgufWriter {
+        GgufWriter { kv: Vec::new(), tensors: Vec::new() }
+    }
+
+    pub fn set(&mut self, key: &str, value: GgufValue) {
+        self.kv.push((key.to_string(), value));
+    }
+
+    pub fn add_tensor(&mut self, name: &str, data: Vec<f32>) {
+        self.tensors.push((name.to_string(), data));
+    }
+
+    /// Writes to a temporary file beside `path`, then renames, so a failure
+    /// never leaves a half-written file in place of a good one.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let bytes: usize = self.tensors.iter().map(|(_, d)| d.len() * 4).sum();
+        let mem_size = bytes + (self.tensors.len() + 1) * unsafe { sys::ggml_tensor_overhead() } + 1024;
+        let ggml = unsafe {
+            sys::ggml_init(sys::ggml_init_params { mem_size, mem_buffer: std::ptr::null_mut(), no_alloc: false })
+        };
+        if ggml.is_null() {
+            bail!("ggml_init failed ({mem_size} bytes)");
+        }
+        let gguf = unsafe { sys::gguf_init_empty() };
+        let result = (|| -> Result<()> {
+            for (key, value) in &self.kv {
+                let ckey = CString::new(key.as_str())?;
+                unsafe {
+                    match value {
+                        GgufValue::Str(s) => sys::gguf_set_val_str(gguf, ckey.as_ptr(), CString::new(s.as_str())?.as_ptr()),
+                        GgufValue::U32(v) => sys::gguf_set_val_u32(gguf, ckey.as_ptr(), *v),
+                        GgufValue::U64(v) => sys::gguf_set_val_u64(gguf, ckey.as_ptr(), *v),
+                        GgufValue::F32(v) => sys::gguf_set_val_f32(gguf, ckey.as_ptr(), *v),
+                        GgufValue::F32Array(v) => sys::gguf_set_arr_data(
+                            gguf,
+                            ckey.as_ptr(),
+                            sys::GGUF_TYPE_FLOAT32,
+                            v.as_ptr() as *const c_void,
+                            v.len(),
+                        ),
+                        GgufValue::U32Array(v) => sys::gguf_set_arr_data(
+                            gguf,
+                            ckey.as_ptr(),
+                            sys::GGUF_TYPE_UINT32,
+                            v.as_ptr() as *const c_void,
+                            v.len(),
+                        ),
+                        GgufValue::Other => bail!("cannot write an untyped value for {key}"),
+                    }
+                }
+            }
+            for (name, data) in &self.tensors {
+                let cname = CString::new(name.as_str())?;
+                unsafe {
+                    let t = sys::ggml_new_tensor_1d(ggml, sys::GGML_TYPE_F32, data.len() as i64);
+                    sys::ggml_set_name(t, cname.as_ptr());
+                    std::ptr::copy_nonoverlapping(data.as_ptr(), (*t).data as *mut f32, data.len());
+                    sys::gguf_add_tensor(gguf, t);
+                }
+            }
+            let tmp = path.with_extension("gguf.tmp");
+            let ctmp = CString::new(tmp.as_os_str().as_encoded_bytes())?;
+            if !unsafe { sys::gguf_write_to_file(gguf, ctmp.as_ptr(), false) } {
+                bail!("cannot write {}", tmp.display());
+            }
+            std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+        })();
+        unsafe {
+            sys::gguf_free(gguf);
+            sys::ggml_free(ggml);
+        }
+        result
+    }
+}

@@ -1,0 +1,319 @@
+//! Vector files: llama.cpp control-vector GGUF (`direction.<k>`, k = layer >= 1)
+//! plus our calibration and provenance under the `inferalign.` prefix, which
+//! llama.cpp's loader ignores.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::llama::{GgufFile, GgufValue, GgufWriter, Model};
+
+const PREFIX: &str = "inferalign.";
+
+/// Gate figures for one layer, measured on held-out prompts.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LayerStats {
+    pub layer: usize,
+    /// b_l: the negated mean projection of the training prompts on the direction.
+    pub bias: f32,
+    pub accuracy: f32,
+    pub tpr: f32,
+    pub fpr: f32,
+    /// |s_l|, the length of the mean difference before normalising.
+    pub srv_norm: f32,
+    /// Mean |a_l| of the training prompts' last-token activations.
+    pub mean_norm: f32,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ModelIdentity {
+    pub architecture: String,
+    pub name: String,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub file_size: u64,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct DataSet {
+    pub file: String,
+    pub sha256: String,
+    pub count: usize,
+    pub train: usize,
+    pub held_out: usize,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct DataIdentity {
+    pub harmful: DataSet,
+    pub harmless: DataSet,
+    pub template: String,
+    pub system_prompt: Option<String>,
+    pub seed: Option<u64>,
+}
+
+/// What `extract` measured besides the directions.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Calibration {
+    pub kind: String,
+    pub tool_version: String,
+    pub gate_layer: usize,
+    pub layers: Vec<LayerStats>,
+    pub model: ModelIdentity,
+    pub data: DataIdentity,
+}
+
+impl Calibration {
+    pub fn layer(&self, layer: usize) -> Option<&LayerStats> {
+        self.layers.iter().find(|s| s.layer == layer)
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VectorFile {
+    pub model_hint: String,
+    pub layer_count: u32,
+    pub n_embd: usize,
+    /// Unit directions by llama.cpp layer index (k >= 1).
+    #[serde(skip)]
+    pub directions: BTreeMap<usize, Vec<f32>>,
+    pub calibration: Option<Calibration>,
+}
+
+impl VectorFile {
+    pub fn layers(&self) -> Vec<usize> {
+        self.directions.keys().copied().collect()
+    }
+
+    pub fn direction(&self, layer: usize) -> Result<&[f32]> {
+        self.directions.get(&layer).map(Vec::as_slice).with_context(|| {
+            let layers = self.layers();
+            format!(
+                "layer {layer} is not in the vector file (it has layers {}..={})",
+                layers.first().unwrap_or(&0),
+                layers.last().unwrap_or(&0)
+            )
+        })
+    }
+
+    pub fn read(path: &Path) -> Result<VectorFile> {
+        read_file(path).with_context(|| format!("invalid vector file {}", path.display()))
+    }
+
+    /// Fails unless the vectors fit `model` (same width, layers that exist, and
+    /// the same depth when the file records it).
+    pub fn check_fits(&self, model: &Model, path: &Path) -> Result<()> {
+        let what = || format!("vector file {} does not fit model {}", path.display(), model.path.display());
+        if self.n_embd != model.n_embd() {
+            return Err(anyhow::anyhow!("n_embd is {} in the vectors but {} in the model", self.n_embd, model.n_embd()))
+                .with_context(what);
+        }
+        if let Some(&top) = self.directions.keys().last() {
+            if top >= model.n_layer() {
+                return Err(anyhow::anyhow!("the vectors reach layer {top} but the model has {} layers", model.n_layer()))
+                    .with_context(what);
+            }
+        }
+        if let Some(cal) = &self.calibration {
+            if cal.model.n_layer != model.n_layer() {
+                return Err(anyhow::anyhow!(
+                    "the vectors were made for a {}-layer model, this one has {} layers",
+                    cal.model.n_layer,
+                    model.n_layer()
+                ))
+                .with_context(what);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let mut w = GgufWriter::new();
+        w.set("general.architecture", GgufValue::Str("controlvector".into()));
+        w.set("controlvector.model_hint", GgufValue::Str(self.model_hint.clone()));
+        w.set("controlvector.layer_count", GgufValue::U32(self.layer_count));
+        if let Some(cal) = &self.calibration {
+            write_calibration(&mut w, cal);
+        }
+        for (layer, v) in &self.directions {
+            w.add_tensor(&format!("direction.{layer}"), v.clone());
+        }
+        w.write(path).with_context(|| format!("cannot write vector file {}", path.display()))
+    }
+}
+
+fn read_file(path: &Path) -> Result<VectorFile> {
+    let file = GgufFile::open(path)?;
+    let mut directions = BTreeMap::new();
+    for name in file.tensor_names() {
+        let layer: usize = name
+            .strip_prefix("direction.")
+            .and_then(|k| k.parse().ok())
+            .with_context(|| format!("tensor {name:?} is not named direction.<layer>"))?;
+        if layer == 0 {
+            bail!("it holds direction.0, which llama.cpp rejects (layer 0 never takes a control vector)");
+        }
+        let v = file.tensor_f32(&name)?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            bail!("{name} holds a non-finite value ({}) at index {i}", v[i]);
+        }
+        directions.insert(layer, v);
+    }
+    let n_embd = match directions.values().next() {
+        Some(v) => v.len(),
+        None => bail!("it holds no direction.<layer> tensors"),
+    };
+    if let Some((layer, v)) = directions.iter().find(|(_, v)| v.len() != n_embd) {
+        bail!("direction.{layer} has {} values, others have {n_embd}", v.len());
+    }
+    let model_hint = match file.get("controlvector.model_hint") {
+        Some(GgufValue::Str(s)) => s,
+        _ => String::new(),
+    };
+    let layer_count = match file.get("controlvector.layer_count") {
+        Some(GgufValue::U32(n)) => n,
+        _ => directions.len() as u32,
+    };
+    let calibration = match file.get(&key("kind")) {
+        Some(_) => Some(read_calibration(&file, &directions)?),
+        None => None,
+    };
+    Ok(VectorFile { model_hint, layer_count, n_embd, directions, calibration })
+}
+
+fn key(name: &str) -> String {
+    format!("{PREFIX}{name}")
+}
+
+/// Per-layer figures are arrays indexed by layer; index 0 is unused.
+fn per_layer(cal: &Calibration, f: impl Fn(&LayerStats) -> f32) -> GgufValue {
+    let mut values = vec![0.0; cal.model.n_layer];
+    for s in &cal.layers {
+        values[s.layer] = f(s);
+    }
+    GgufValue::F32Array(values)
+}
+
+fn write_calibration(w: &mut GgufWriter, cal: &Calibration) {
+    let s = |v: &str| GgufValue::Str(v.to_string());
+    w.set(&key("kind"), s(&cal.kind));
+    w.set(&key("tool_version"), s(&cal.tool_version));
+    w.set(&key("gate.layer"), GgufValue::U32(cal.gate_layer as u32));
+    w.set(&key("gate.bias"), per_layer(cal, |l| l.bias));
+    w.set(&key("gate.accuracy"), per_layer(cal, |l| l.accuracy));
+    w.set(&key("gate.tpr"), per_layer(cal, |l| l.tpr));
+    w.set(&key("gate.fpr"), per_layer(cal, |l| l.fpr));
+    w.set(&key("srv_norm"), per_layer(cal, |l| l.srv_norm));
+    w.set(&key("mean_norm"), per_layer(cal, |l| l.mean_norm));
+    let m = &cal.model;
+    w.set(&key("model.architecture"), s(&m.architecture));
+    w.set(&key("model.name"), s(&m.name));
+    w.set(&key("model.n_embd"), GgufValue::U32(m.n_embd as u32));
+    w.set(&key("model.n_layer"), GgufValue::U32(m.n_layer as u32));
+    w.set(&key("model.file_size"), GgufValue::U64(m.file_size));
+    w.set(&key("model.sha256"), s(&m.sha256));
+    for (class, set) in [("harmful", &cal.data.harmful), ("harmless", &cal.data.harmless)] {
+        w.set(&key(&format!("data.{class}.file")), s(&set.file));
+        w.set(&key(&format!("data.{class}.sha256")), s(&set.sha256));
+        w.set(&key(&format!("data.{class}.count")), GgufValue::U32(set.count as u32));
+        w.set(&key(&format!("data.{class}.train")), GgufValue::U32(set.train as u32));
+        w.set(&key(&format!("data.{class}.held_out")), GgufValue::U32(set.held_out as u32));
+    }
+    w.set(&key("data.template"), s(&cal.data.template));
+    if let Some(system) = &cal.data.system_prompt {
+        w.set(&key("data.system_prompt"), s(system));
+    }
+    if let Some(seed) = cal.data.seed {
+        w.set(&key("data.seed"), GgufValue::U64(seed));
+    }
+}
+
+struct Reader<'a>(&'a GgufFile);
+
+impl Reader<'_> {
+    fn str(&self, name: &str) -> Result<String> {
+        match self.0.get(&key(name)) {
+            Some(GgufValue::Str(s)) => Ok(s),
+            _ => bail!("metadata {} is missing or not a string", key(name)),
+        }
+    }
+
+    fn uint(&self, name: &str) -> Result<u64> {
+        match self.0.get(&key(name)) {
+            Some(GgufValue::U32(v)) => Ok(v as u64),
+            Some(GgufValue::U64(v)) => Ok(v),
+            _ => bail!("metadata {} is missing or not an unsigned integer", key(name)),
+        }
+    }
+
+    fn floats(&self, name: &str, n_layer: usize) -> Result<Vec<f32>> {
+        match self.0.get(&key(name)) {
+            Some(GgufValue::F32Array(v)) if v.len() == n_layer => Ok(v),
+            _ => bail!("metadata {} is missing or not {n_layer} floats", key(name)),
+        }
+    }
+
+    fn data_set(&self, class: &str) -> Result<DataSet> {
+        Ok(DataSet {
+            file: self.str(&format!("data.{class}.file"))?,
+            sha256: self.str(&format!("data.{class}.sha256"))?,
+            count: self.uint(&format!("data.{class}.count"))? as usize,
+            train: self.uint(&format!("data.{class}.train"))? as usize,
+            held_out: self.uint(&format!("data.{class}.held_out"))? as usize,
+        })
+    }
+}
+
+fn read_calibration(file: &GgufFile, directions: &BTreeMap<usize, Vec<f32>>) -> Result<Calibration> {
+    let r = Reader(file);
+    let model = ModelIdentity {
+        architecture: r.str("model.architecture")?,
+        name: r.str("model.name")?,
+        n_embd: r.uint("model.n_embd")? as usize,
+        n_layer: r.uint("model.n_layer")? as usize,
+        file_size: r.uint("model.file_size")?,
+        sha256: r.str("model.sha256")?,
+    };
+    let n = model.n_layer;
+    let [bias, accuracy, tpr, fpr, srv_norm, mean_norm] =
+        ["gate.bias", "gate.accuracy", "gate.tpr", "gate.fpr", "srv_norm", "mean_norm"].map(|k| r.floats(k, n));
+    let (bias, accuracy, tpr, fpr, srv_norm, mean_norm) = (bias?, accuracy?, tpr?, fpr?, srv_norm?, mean_norm?);
+    if let Some(i) = bias.iter().position(|b| !b.is_finite()) {
+        bail!("gate bias of layer {i} is not finite");
+    }
+    let layers = directions
+        .keys()
+        .filter(|&&l| l < n)
+        .map(|&l| LayerStats {
+            layer: l,
+            bias: bias[l],
+            accuracy: accuracy[l],
+            tpr: tpr[l],
+            fpr: fpr[l],
+            srv_norm: srv_norm[l],
+            mean_norm: mean_norm[l],
+        })
+        .collect();
+    let gate_layer = r.uint("gate.layer")? as usize;
+    if !directions.contains_key(&gate_layer) {
+        bail!("its gate layer {gate_layer} has no direction");
+    }
+    let seed = r.uint("data.seed").ok();
+    Ok(Calibration {
+        kind: r.str("kind")?,
+        tool_version: r.str("tool_version")?,
+        gate_layer,
+        layers,
+        model,
+        data: DataIdentity {
+            harmful: r.data_set("harmful")?,
+            harmless: r.data_set("harmless")?,
+            template: r.str("data.template")?,
+            system_prompt: r.str("data.system_prompt").ok(),
+            seed,
+        },
+    })
+}

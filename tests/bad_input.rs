@@ -1,0 +1,215 @@
+//! Bad input gets one clear error line, a non-zero exit, and loses nothing.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use inferalign::llama::{GgufValue, GgufWriter};
+use inferalign::vectors::VectorFile;
+
+fn plain_vectors(path: &Path, n_embd: usize, layers: std::ops::Range<usize>) -> PathBuf {
+    let directions: BTreeMap<usize, Vec<f32>> = layers.map(|l| (l, vec![0.01; n_embd])).collect();
+    let file = VectorFile { model_hint: "test".into(), layer_count: directions.len() as u32, n_embd, directions, calibration: None };
+    file.write(path).unwrap();
+    path.to_path_buf()
+}
+
+fn raw_vectors(path: &Path, tensors: &[(&str, Vec<f32>)]) -> PathBuf {
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", GgufValue::Str("controlvector".into()));
+    for (name, data) in tensors {
+        w.add_tensor(name, data.clone());
+    }
+    w.write(path).unwrap();
+    path.to_path_buf()
+}
+
+/// `classify` on Qwen with a vector file and explicit gate settings.
+fn classify(dir: &Path, vectors: &Path, extra: &[&str], needle: &str) {
+    let prompts = common::write_lines(dir, "p.txt", &["Hello there".into()]);
+    let model = common::model(common::QWEN);
+    let mut args = vec![
+        "classify",
+        "--model",
+        model.to_str().unwrap(),
+        "--gate",
+        vectors.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    common::cli_err(&args, needle);
+}
+
+const GATE: [&str; 4] = ["--layer", "5", "--bias", "0"];
+
+#[test]
+fn vectors_of_another_width_are_rejected() {
+    let dir = common::tempdir();
+    let v = plain_vectors(&dir.path().join("gemma-like.gguf"), 640, 1..18);
+    classify(dir.path(), &v, &GATE, "n_embd is 640 in the vectors but 896 in the model");
+}
+
+#[test]
+fn vectors_of_a_deeper_model_are_rejected() {
+    let dir = common::tempdir();
+    let v = plain_vectors(&dir.path().join("deep.gguf"), 896, 1..32);
+    classify(dir.path(), &v, &GATE, "reach layer 31 but the model has 24 layers");
+}
+
+#[test]
+fn truncated_and_corrupt_files_are_rejected() {
+    let dir = common::tempdir();
+    let good = plain_vectors(&dir.path().join("good.gguf"), 896, 1..24);
+    let bytes = std::fs::read(&good).unwrap();
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    classify(dir.path(), &truncated, &GATE, "corrupt or truncated");
+    let corrupt = dir.path().join("corrupt.gguf");
+    std::fs::write(&corrupt, b"GGUF this is not a gguf file at all, just some bytes").unwrap();
+    classify(dir.path(), &corrupt, &GATE, "corrupt or truncated");
+    common::cli_err(&["inspect", truncated.to_str().unwrap()], "corrupt or truncated");
+}
+
+#[test]
+fn direction_zero_is_rejected_like_llama_cpp_does() {
+    let dir = common::tempdir();
+    let v = raw_vectors(&dir.path().join("zero.gguf"), &[("direction.0", vec![0.1; 896]), ("direction.1", vec![0.1; 896])]);
+    common::cli_err(&["inspect", v.to_str().unwrap()], "direction.0");
+}
+
+#[test]
+fn non_finite_values_are_rejected() {
+    let dir = common::tempdir();
+    let mut bad = vec![0.1; 896];
+    bad[7] = f32::NAN;
+    let v = raw_vectors(&dir.path().join("nan.gguf"), &[("direction.3", bad)]);
+    common::cli_err(&["inspect", v.to_str().unwrap()], "direction.3 holds a non-finite value (NaN) at index 7");
+    let mut inf = vec![0.1; 896];
+    inf[0] = f32::INFINITY;
+    let v = raw_vectors(&dir.path().join("inf.gguf"), &[("direction.3", inf)]);
+    classify(dir.path(), &v, &["--layer", "3", "--bias", "0"], "non-finite");
+}
+
+#[test]
+fn an_unknown_layer_is_rejected() {
+    let dir = common::tempdir();
+    let v = plain_vectors(&dir.path().join("v.gguf"), 896, 1..24);
+    classify(dir.path(), &v, &["--layer", "40", "--bias", "0"], "layer 40 is not in the vector file");
+    classify(dir.path(), &v, &[], "no gate calibration");
+}
+
+#[test]
+fn empty_and_malformed_prompt_files_are_rejected() {
+    let dir = common::tempdir();
+    let v = plain_vectors(&dir.path().join("v.gguf"), 896, 1..24);
+    let model = common::model(common::QWEN);
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n  \n").unwrap();
+    let malformed = dir.path().join("bad.jsonl");
+    std::fs::write(&malformed, "{\"prompt\": \"fine\"}\n{\"prompt\": oops}\n").unwrap();
+    let no_field = dir.path().join("nofield.jsonl");
+    std::fs::write(&no_field, "{\"question\": \"what?\"}\n").unwrap();
+    let no_column = dir.path().join("nocol.csv");
+    std::fs::write(&no_column, "question,answer\nwhat,that\n").unwrap();
+    for (file, needle) in [
+        (&empty, "holds no prompts"),
+        (&malformed, "line 2: not valid JSON"),
+        (&no_field, "no string field among prompt, goal, text, instruction"),
+        (&no_column, "no column named goal or prompt"),
+    ] {
+        common::cli_err(
+            &[
+                "classify",
+                "--model",
+                model.to_str().unwrap(),
+                "--gate",
+                v.to_str().unwrap(),
+                "--prompts",
+                file.to_str().unwrap(),
+                "--layer",
+                "5",
+                "--bias",
+                "0",
+            ],
+            needle,
+        );
+    }
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_named() {
+    let dir = common::tempdir();
+    let v = plain_vectors(&dir.path().join("v.gguf"), 896, 1..24);
+    let prompts = common::write_lines(dir.path(), "long.txt", &["short one".into(), "word ".repeat(200)]);
+    let model = common::model(common::QWEN);
+    common::cli_err(
+        &[
+            "classify",
+            "--model",
+            model.to_str().unwrap(),
+            "--gate",
+            v.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--layer",
+            "5",
+            "--bias",
+            "0",
+            "--ctx-size",
+            "128",
+        ],
+        "prompt 2 (\"word word",
+    );
+}
+
+#[test]
+fn a_model_that_is_not_gguf_is_rejected() {
+    let dir = common::tempdir();
+    let fake = dir.path().join("model.gguf");
+    std::fs::write(&fake, b"not a model").unwrap();
+    let v = plain_vectors(&dir.path().join("v.gguf"), 896, 1..24);
+    let prompts = common::write_lines(dir.path(), "p.txt", &["hi".into()]);
+    common::cli_err(
+        &[
+            "classify",
+            "--model",
+            fake.to_str().unwrap(),
+            "--gate",
+            v.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--layer",
+            "5",
+            "--bias",
+            "0",
+        ],
+        "cannot load model",
+    );
+}
+
+#[test]
+fn a_failed_extraction_leaves_the_old_output_intact() {
+    let dir = common::tempdir();
+    let out = plain_vectors(&dir.path().join("out.gguf"), 896, 1..24);
+    let before = std::fs::read(&out).unwrap();
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let model = common::model(common::QWEN);
+    common::cli_err(
+        &[
+            "extract",
+            "--model",
+            model.to_str().unwrap(),
+            "--harmful",
+            common::advbench().to_str().unwrap(),
+            "--harmless",
+            empty.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "holds no prompts",
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+}

@@ -1,0 +1,80 @@
+//! Shared set-up for the integration tests: the real models and data that
+//! `scripts/setup.sh` caches, and a way to run the CLI.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+pub const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
+
+pub fn cache() -> PathBuf {
+    std::env::var_os("INFERALIGN_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cache/inferalign"))
+}
+
+fn cached(rel: &str) -> PathBuf {
+    let path = cache().join(rel);
+    assert!(path.is_file(), "missing {}: run scripts/setup.sh first (it fetches models and data)", path.display());
+    path
+}
+
+pub fn model(name: &str) -> PathBuf {
+    cached(&format!("models/{name}"))
+}
+
+pub fn advbench() -> PathBuf {
+    cached("data/advbench.jsonl")
+}
+
+pub fn harmless() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/harmless.txt")
+}
+
+/// Template flags each test model needs (Gemma 270M carries no chat template).
+pub fn template_args(name: &str) -> Vec<&'static str> {
+    if name == GEMMA {
+        vec!["--template", "gemma"]
+    } else {
+        vec![]
+    }
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+pub fn write_lines(dir: &Path, name: &str, lines: &[String]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, lines.join("\n") + "\n").expect("write prompts");
+    path
+}
+
+/// Runs `inferalign` with arguments.
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_inferalign")).args(args).output().expect("run inferalign")
+}
+
+/// Runs `inferalign`, asserting it succeeded; returns stdout.
+pub fn cli_ok(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(
+        out.status.success(),
+        "inferalign {:?} failed:\n{}",
+        args,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Runs `inferalign`, asserting it failed with a one-line error containing `needle`.
+pub fn cli_err(args: &[&str], needle: &str) -> String {
+    let out = cli(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "inferalign {args:?} should have failed; stderr:\n{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line, got:\n{stderr}");
+    assert!(errors[0].contains(needle), "error {:?} does not mention {needle:?}", errors[0]);
+    errors[0].to_string()
+}
