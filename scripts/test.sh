@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 # llama.cpp uses every core for one decode; tests in parallel would only fight.
-cargo test --release -- --test-threads=1
+cargo test --release --no-fail-fast -- --test-threads=1

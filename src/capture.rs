@@ -19,11 +19,18 @@ pub struct LastToken {
 
 /// A hook that is told, before each decode, where the prompts' last tokens are.
 pub trait BatchAware: LayerHook {
-    fn plan(&mut self, n_tokens: usize, last_tokens: &[LastToken]);
+    fn plan(&mut self, batch: &Batch, last_tokens: &[LastToken]);
 }
 
 impl BatchAware for NoHook {
-    fn plan(&mut self, _: usize, _: &[LastToken]) {}
+    fn plan(&mut self, _: &Batch, _: &[LastToken]) {}
+}
+
+impl<A: BatchAware, B: BatchAware> BatchAware for (A, B) {
+    fn plan(&mut self, batch: &Batch, last_tokens: &[LastToken]) {
+        self.0.plan(batch, last_tokens);
+        self.1.plan(batch, last_tokens);
+    }
 }
 
 /// Copies the last-token rows of the chosen layers into `[prompt, layer, n_embd]`.
@@ -76,8 +83,8 @@ impl LayerHook for CaptureHook {
 }
 
 impl BatchAware for CaptureHook {
-    fn plan(&mut self, n_tokens: usize, last_tokens: &[LastToken]) {
-        self.n_tokens = n_tokens;
+    fn plan(&mut self, batch: &Batch, last_tokens: &[LastToken]) {
+        self.n_tokens = batch.len();
         self.plan.clear();
         self.plan.extend_from_slice(last_tokens);
     }
@@ -133,7 +140,7 @@ pub fn decode_prompts<H: BatchAware>(
         if batch.is_empty() {
             return Ok(());
         }
-        ctx.hook_mut().plan(batch.len(), last_tokens);
+        ctx.hook_mut().plan(batch, last_tokens);
         ctx.decode(batch)?;
         decoded += batch.len();
         batch.clear();
@@ -204,7 +211,7 @@ pub fn capture(
 ) -> Result<(Array3<f32>, DecodeStats)> {
     ctx.hook_mut().reset(prompts.len());
     let stats = decode_prompts(ctx, prompts, reuse_prefix, progress)?;
-    ctx.hook_mut().plan(0, &[]);
+    ctx.hook_mut().plan.clear();
     let acts = std::mem::replace(&mut ctx.hook_mut().acts, Array3::zeros((0, 0, 0)));
     Ok((acts, stats))
 }

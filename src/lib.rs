@@ -5,12 +5,15 @@
 //! - [`capture`] reads last-token activations through the eval callback,
 //! - [`extract`] turns them into safety-related vectors,
 //! - [`gate`] decides from one layer whether a request is harmful,
+//! - [`steer`] is the hook where the gate decides and the shift happens,
 //! - [`vectors`] reads and writes llama.cpp control-vector GGUF files,
 //! - [`llama`] is the only place that calls llama.cpp unsafely.
 
 pub mod capture;
 pub mod extract;
 pub mod gate;
+pub mod generate;
 pub mod llama;
 pub mod prompts;
+pub mod steer;
 pub mod vectors;

@@ -12,7 +12,6 @@ use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use llama_cpp_2::llama_backend::LlamaBackend;
-use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_sys_2 as sys;
 
@@ -36,15 +35,44 @@ pub struct Model {
     pub path: PathBuf,
 }
 
+/// How to load a model.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub n_gpu_layers: u32,
+    /// Let the CPU backend repack weights for faster matmuls (llama.cpp's
+    /// default). Its kernels then round differently with the number of rows in
+    /// a batch, so activations depend slightly on what else is in the batch.
+    pub weight_repack: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { n_gpu_layers: 0, weight_repack: true }
+    }
+}
+
 impl Model {
     pub fn load(path: &Path, n_gpu_layers: u32) -> Result<Model> {
+        Model::load_with(path, LoadOptions { n_gpu_layers, ..LoadOptions::default() })
+    }
+
+    pub fn load_with(path: &Path, options: LoadOptions) -> Result<Model> {
         if !path.is_file() {
             bail!("model file {} does not exist", path.display());
         }
-        let params = LlamaModelParams::default().with_n_gpu_layers(n_gpu_layers);
-        let inner = LlamaModel::load_from_file(backend(), path, &params).map_err(|e| {
-            anyhow!("cannot load model {}: {e} (is it a complete, valid GGUF model?)", path.display())
+        backend();
+        let cpath = CString::new(path.as_os_str().as_encoded_bytes()).context("model path contains a NUL byte")?;
+        // SAFETY: plain struct of defaults; llama-cpp-2 has no setter for use_extra_bufts.
+        let mut params = unsafe { sys::llama_model_default_params() };
+        params.n_gpu_layers = options.n_gpu_layers.min(i32::MAX as u32) as i32;
+        params.use_extra_bufts = options.weight_repack;
+        let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
+        let raw = NonNull::new(raw).ok_or_else(|| {
+            anyhow!("cannot load model {} (is it a complete, valid GGUF model?)", path.display())
         })?;
+        // SAFETY: `LlamaModel` is `#[repr(transparent)]` over a non-null
+        // `llama_model` pointer that it frees on drop; we hand it ownership.
+        let inner: LlamaModel = unsafe { std::mem::transmute::<NonNull<sys::llama_model>, LlamaModel>(raw) };
         Ok(Model { inner, path: path.to_path_buf() })
     }
 
@@ -142,6 +170,19 @@ pub trait LayerHook {
     fn on_layer(&mut self, layer: usize, out: &mut LayerOutput);
 }
 
+/// Two hooks on one graph: the first edits, the second sees its edits.
+impl<A: LayerHook, B: LayerHook> LayerHook for (A, B) {
+    fn wants(&mut self, layer: usize) -> bool {
+        let first = self.0.wants(layer);
+        self.1.wants(layer) || first
+    }
+
+    fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) {
+        self.0.on_layer(layer, out);
+        self.1.on_layer(layer, out);
+    }
+}
+
 /// A context with no eval callback at all: plain llama.cpp.
 pub struct NoHook;
 
@@ -198,6 +239,8 @@ pub struct ContextParams {
     pub n_batch: u32,
     pub n_seq_max: u32,
     pub n_threads: i32,
+    /// Flash attention on or off; None lets llama.cpp decide.
+    pub flash_attn: Option<bool>,
     /// Read and write hooked tensors through the backend copy functions even
     /// when they live in host memory, to exercise the GPU path on CPU.
     pub force_device_copy: bool,
@@ -205,7 +248,7 @@ pub struct ContextParams {
 
 impl Default for ContextParams {
     fn default() -> Self {
-        ContextParams { n_ctx: 4096, n_batch: 512, n_seq_max: 64, n_threads: default_threads(), force_device_copy: false }
+        ContextParams { n_ctx: 4096, n_batch: 512, n_seq_max: 64, n_threads: default_threads(), flash_attn: None, force_device_copy: false }
     }
 }
 
@@ -258,6 +301,11 @@ impl<'m, H: LayerHook> Context<'m, H> {
         // A unified KV cache lets sequences share a decoded prefix without copying.
         raw_params.kv_unified = true;
         raw_params.no_perf = true;
+        raw_params.flash_attn_type = match params.flash_attn {
+            None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+            Some(false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        };
         if with_callback {
             raw_params.cb_eval = Some(trampoline::<H>);
             raw_params.cb_eval_user_data = &mut *cell as *mut HookCell<H> as *mut c_void;
@@ -377,6 +425,19 @@ impl Batch {
 
     pub fn clear(&mut self) {
         self.raw.n_tokens = 0;
+    }
+
+    /// Sequence id of token `i`.
+    pub fn seq(&self, i: usize) -> i32 {
+        assert!(i < self.len());
+        // SAFETY: within n_tokens, each with one seq id.
+        unsafe { **self.raw.seq_id.add(i) }
+    }
+
+    /// Whether token `i` requested output (logits, and a row in the last layer).
+    pub fn is_output(&self, i: usize) -> bool {
+        assert!(i < self.len());
+        unsafe { *self.raw.logits.add(i) != 0 }
     }
 
     pub fn add(&mut self, token: i32, pos: i32, seq: i32, output: bool) {

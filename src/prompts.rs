@@ -1,6 +1,7 @@
 //! Prompt files (text, JSONL, CSV) and chat templating.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate};
@@ -78,10 +79,20 @@ pub fn split(mut prompts: Vec<String>, n_train: usize, seed: Option<u64>) -> (Ve
 /// How user instructions become model input.
 #[derive(Clone, Debug)]
 pub struct Template {
-    /// `model` (the GGUF's own), a llama.cpp built-in name, or `raw`.
+    /// `model` (the GGUF's own Jinja template), a llama.cpp built-in name, or `raw`.
     pub name: String,
-    chat: Option<LlamaChatTemplate>,
+    kind: TemplateKind,
     pub system_prompt: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+enum TemplateKind {
+    /// The model's Jinja template, rendered as llama.cpp's `--jinja` does, so
+    /// model defaults such as a built-in system prompt are kept.
+    Jinja(Arc<minijinja::Environment<'static>>),
+    /// One of llama.cpp's built-in templates, by name.
+    Builtin(LlamaChatTemplate),
+    Raw,
 }
 
 impl Template {
@@ -89,44 +100,80 @@ impl Template {
     /// None for the model's own. A model without a template is an error then,
     /// never a silent fallback.
     pub fn resolve(model: &Model, requested: Option<&str>, system_prompt: Option<String>) -> Result<Template> {
-        let (name, chat) = match requested {
-            Some("raw") => ("raw".to_string(), None),
+        let (name, kind) = match requested {
+            Some("raw") => ("raw".to_string(), TemplateKind::Raw),
             Some(name) => {
                 let chat = LlamaChatTemplate::new(name).context("template name contains a NUL byte")?;
-                (name.to_string(), Some(chat))
+                (name.to_string(), TemplateKind::Builtin(chat))
             }
-            None => match model.llama().chat_template(None) {
-                Ok(chat) => ("model".to_string(), Some(chat)),
-                Err(_) => bail!(
+            None => match model.meta("tokenizer.chat_template") {
+                Some(source) => ("model".to_string(), TemplateKind::Jinja(Arc::new(jinja_env(source)?))),
+                None => bail!(
                     "{} carries no chat template; pass --template NAME (a llama.cpp built-in such as gemma, chatml, llama3) or --template raw",
                     model.path.display()
                 ),
             },
         };
-        let template = Template { name, chat, system_prompt };
+        let template = Template { name, kind, system_prompt };
         template.apply(model, "test").with_context(|| format!("chat template '{}' cannot be applied", template.name))?;
         Ok(template)
     }
 
     /// The text the model sees for one user turn, with the generation prompt.
     pub fn apply(&self, model: &Model, instruction: &str) -> Result<String> {
-        let Some(chat) = &self.chat else { return Ok(instruction.to_string()) };
-        let mut messages = Vec::new();
+        let mut turns = Vec::new();
         if let Some(system) = &self.system_prompt {
-            messages.push(LlamaChatMessage::new("system".into(), system.clone())?);
+            turns.push(("system", system.as_str()));
         }
-        messages.push(LlamaChatMessage::new("user".into(), instruction.to_string())?);
-        let text = model
-            .llama()
-            .apply_chat_template(chat, &messages, true)
-            .with_context(|| format!("llama.cpp does not know chat template '{}'", self.name))?;
-        Ok(text)
+        turns.push(("user", instruction));
+        match &self.kind {
+            TemplateKind::Raw => Ok(instruction.to_string()),
+            TemplateKind::Jinja(env) => {
+                let messages: Vec<_> = turns.iter().map(|&(role, content)| minijinja::context! { role, content }).collect();
+                let text = env.get_template("chat")?.render(minijinja::context! {
+                    messages,
+                    add_generation_prompt => true,
+                    bos_token => token_text(model, model.llama().vocab().bos()),
+                    eos_token => token_text(model, model.llama().vocab().eos()),
+                })?;
+                Ok(text)
+            }
+            TemplateKind::Builtin(chat) => {
+                let messages = turns
+                    .iter()
+                    .map(|(role, content)| LlamaChatMessage::new(role.to_string(), content.to_string()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let text = model
+                    .llama()
+                    .apply_chat_template(chat, &messages, true)
+                    .with_context(|| format!("llama.cpp does not know chat template '{}'", self.name))?;
+                Ok(text)
+            }
+        }
     }
 }
 
-/// Tokens of a templated text; special tokens in the template are parsed.
+fn token_text(model: &Model, token: llama_cpp_2::token::LlamaToken) -> String {
+    model.llama().vocab().text(token).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn jinja_env(source: String) -> Result<minijinja::Environment<'static>> {
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+    });
+    env.add_template_owned("chat", source)
+        .context("the model's chat template is not valid Jinja; pass --template NAME to use a llama.cpp built-in")?;
+    Ok(env)
+}
+
+/// Tokens of a templated text; special tokens in the template are parsed, and
+/// BOS is added unless the template already wrote it.
 pub fn tokenize(model: &Model, text: &str) -> Result<Vec<i32>> {
-    let tokens = model.llama().vocab().tokenize(text.as_bytes(), true, true);
+    let bos = token_text(model, model.llama().vocab().bos());
+    let add_special = bos.is_empty() || !text.starts_with(&bos);
+    let tokens = model.llama().vocab().tokenize(text.as_bytes(), add_special, true);
     anyhow::ensure!(!tokens.is_empty(), "the prompt tokenizes to nothing");
     Ok(tokens.into_iter().map(|t| t.0).collect())
 }

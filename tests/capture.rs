@@ -8,7 +8,7 @@ use ndarray::{s, Array3};
 
 use inferalign::capture::{capture, CaptureHook};
 use inferalign::extract::steerable_layers;
-use inferalign::llama::{Context, ContextParams, Model};
+use inferalign::llama::{Context, ContextParams, LoadOptions, Model};
 use inferalign::prompts::{prepare, read_prompts, Template};
 
 fn prompts_for(model: &Model, name: &str, n: usize) -> Vec<Vec<i32>> {
@@ -26,33 +26,52 @@ fn relative_error(a: &[f32], b: &[f32]) -> f32 {
     diff / norm
 }
 
-fn assert_close(model: &Model, alone: &Array3<f32>, alone_index: usize, batched: &Array3<f32>, batch_index: usize) {
-    for layer in steerable_layers(model) {
-        let a = alone.slice(s![alone_index, layer, ..]);
-        let b = batched.slice(s![batch_index, layer, ..]);
-        let err = relative_error(a.as_slice().unwrap(), b.as_slice().unwrap());
-        assert!(err < 1e-3, "prompt {batch_index}, layer {layer}: relative error {err}");
-        assert!(b.iter().any(|&x| x != 0.0), "layer {layer} was not captured");
-    }
+/// Largest relative error over the captured layers of one prompt.
+fn max_error(model: &Model, a: &Array3<f32>, ia: usize, b: &Array3<f32>, ib: usize) -> f32 {
+    steerable_layers(model)
+        .into_iter()
+        .map(|layer| {
+            let (x, y) = (a.slice(s![ia, layer, ..]), b.slice(s![ib, layer, ..]));
+            assert!(y.iter().any(|&v| v != 0.0), "layer {layer} was not captured");
+            relative_error(x.as_slice().unwrap(), y.as_slice().unwrap())
+        })
+        .fold(0.0, f32::max)
 }
 
-fn batch_invariance(name: &str) {
-    let model = Model::load(&common::model(name), 0).unwrap();
-    let tokens = prompts_for(&model, name, 33);
-    let layers = steerable_layers(&model);
-    let mut ctx = Context::new(&model, &ContextParams::default(), CaptureHook::new(&model, &layers), true).unwrap();
+/// Captures prompts 0, 1, 16 and 32 alone (each decoded whole, by itself) and
+/// inside a batch of 33 with the shared prefix reused; returns the worst error.
+fn alone_vs_batch(model: &Model, name: &str, params: &ContextParams) -> f32 {
+    let tokens = prompts_for(model, name, 33);
+    let layers = steerable_layers(model);
+    let mut ctx = Context::new(model, params, CaptureHook::new(model, &layers), true).unwrap();
     let hidden = ProgressBar::hidden();
     let (batched, stats) = capture(&mut ctx, &tokens, true, &hidden).unwrap();
     assert_eq!(stats.prompts, 33);
+    let mut worst: f32 = 0.0;
     for i in [0, 1, 16, 32] {
-        let (alone, _) = capture(&mut ctx, &tokens[i..=i], true, &hidden).unwrap();
-        assert_close(&model, &alone, 0, &batched, i);
+        let (alone, _) = capture(&mut ctx, &tokens[i..=i], false, &hidden).unwrap();
+        worst = worst.max(max_error(model, &alone, 0, &batched, i));
     }
-    // Without prefix reuse every prompt is decoded whole: same activations.
-    let (whole, _) = capture(&mut ctx, &tokens, false, &hidden).unwrap();
-    for i in [3, 30] {
-        assert_close(&model, &whole, i, &batched, i);
-    }
+    worst
+}
+
+/// With kernels whose rounding does not depend on the batch's shape (no weight
+/// repacking, no flash attention), a prompt's activations are the same alone
+/// and in a batch: the capture reads the right rows of the right sequences.
+/// With llama.cpp's default kernels the rounding differs by batch shape; that
+/// is measured too and must stay at rounding level.
+fn batch_invariance(name: &str) {
+    let exact_model = Model::load_with(&common::model(name), LoadOptions { weight_repack: false, ..LoadOptions::default() }).unwrap();
+    let exact = ContextParams { flash_attn: Some(false), ..ContextParams::default() };
+    let worst = alone_vs_batch(&exact_model, name, &exact);
+    eprintln!("{name}: worst relative error alone vs batch, batch-invariant kernels: {worst:e}");
+    assert!(worst < 1e-3, "relative error {worst}");
+    drop(exact_model);
+
+    let model = Model::load(&common::model(name), 0).unwrap();
+    let worst = alone_vs_batch(&model, name, &ContextParams::default());
+    eprintln!("{name}: worst relative error alone vs batch, llama.cpp default kernels: {worst:e}");
+    assert!(worst < 5e-2, "relative error {worst}");
 }
 
 #[test]

@@ -82,7 +82,7 @@ fn gemma_extracts_with_a_named_builtin_template() {
     let harmful: Vec<String> =
         inferalign::prompts::read_prompts(&common::advbench()).unwrap().into_iter().take(24).collect();
     let harmful = common::write_lines(dir.path(), "harmful.txt", &harmful);
-    let model = common::model(common::GEMMA);
+    let (model, harmless) = (common::model(common::GEMMA), common::harmless());
     let base = [
         "extract",
         "--model",
@@ -90,7 +90,7 @@ fn gemma_extracts_with_a_named_builtin_template() {
         "--harmful",
         harmful.to_str().unwrap(),
         "--harmless",
-        common::harmless().to_str().unwrap(),
+        harmless.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
         "--train",

@@ -3,7 +3,9 @@
 mod bench;
 mod classify;
 mod extract;
+mod generate;
 mod inspect;
+mod steer_args;
 
 use std::path::PathBuf;
 
@@ -29,6 +31,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Run the gate alone on prompts: harmful or not, with scores
     Classify(classify::ClassifyArgs),
+    /// Answer prompts with the gate and the safety shift inside llama.cpp's graph
+    Generate(generate::GenerateArgs),
     /// Measure speed against plain llama.cpp work on the same model, in one run
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -39,6 +43,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Extract(args) => extract::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Classify(args) => classify::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

@@ -1,0 +1,103 @@
+//! `inferalign generate`: answer prompts with the gate and the shift in the graph.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use inferalign::generate::{generate, Sampling};
+use inferalign::llama::Context;
+use inferalign::prompts::{prepare, read_prompts};
+use inferalign::steer::Mode;
+
+use super::steer_args::SteerArgs;
+use super::ModelArgs;
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    steer: SteerArgs,
+    /// One prompt
+    #[arg(short, long, conflicts_with = "prompts", required_unless_present = "prompts")]
+    prompt: Option<String>,
+    /// A file of prompts (text, JSONL or CSV)
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// One JSON object per prompt on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Most tokens to generate per prompt
+    #[arg(short = 'n', long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 = greedy
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+    #[arg(long, default_value_t = 40)]
+    pub top_k: i32,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u32,
+}
+
+impl SamplingArgs {
+    pub fn sampling(&self) -> Sampling {
+        Sampling { max_tokens: self.max_tokens, temperature: self.temp, top_k: self.top_k, top_p: self.top_p, seed: self.seed }
+    }
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let prompts = match (&args.prompt, &args.prompts) {
+        (Some(p), _) => vec![p.clone()],
+        (None, Some(path)) => read_prompts(path)?,
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let model = args.model.load()?;
+    let resolved = args.steer.resolve(&model)?;
+    eprintln!("{}", resolved.describe());
+    let template = args.model.template(&model, resolved.recorded_template())?;
+    let tokens = prepare(&model, &template, &prompts, args.model.ctx_size as usize)?;
+    let params = args.model.context_params();
+    let with_callback = resolved.mode != Mode::Plain;
+    let mut ctx = Context::new(&model, &params, resolved.hook(1)?, with_callback)?;
+    let sampling = args.sampling.sampling();
+
+    for (prompt, tokens) in prompts.iter().zip(&tokens) {
+        if !args.json {
+            println!("> {prompt}");
+        }
+        let stream = !args.json;
+        let generation = generate(&model, &mut ctx, tokens, &sampling, |piece| {
+            if stream {
+                print!("{piece}");
+                let _ = std::io::stdout().flush();
+            }
+        })?;
+        if args.json {
+            let line = serde_json::json!({
+                "prompt": prompt,
+                "gate": generation.gate,
+                "steered": generation.steered,
+                "output": generation.output,
+                "n_tokens": generation.tokens.len(),
+            });
+            println!("{line}");
+        } else {
+            let gate = match generation.gate {
+                Some(g) => format!("gate {} (score {:.3} at layer {})", if g.harmful { "fired" } else { "closed" }, g.score, g.layer),
+                None => "no gate".into(),
+            };
+            println!("\n[{gate}; {}; {} tokens]\n", if generation.steered { "steered" } else { "not steered" }, generation.tokens.len());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! Options shared by every command that steers: which vectors, how strong,
+//! where, and in which mode.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, ValueEnum};
+
+use inferalign::gate::Gate;
+use inferalign::llama::Model;
+use inferalign::steer::{Mode, SteerHook, Steering};
+use inferalign::vectors::VectorFile;
+
+/// Strength and layers used when neither the command line nor the vector file says.
+pub const DEFAULT_ALPHA: f32 = 4.0;
+pub const DEFAULT_LAYERS: &str = "10-16";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// No hook at all: plain llama.cpp
+    Plain,
+    /// Steer only requests the gate flags as harmful (InferAligner)
+    Gated,
+    /// Steer every request, as llama.cpp's control vectors do
+    Always,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Plain => Mode::Plain,
+            ModeArg::Gated => Mode::Gated,
+            ModeArg::Always => Mode::Always,
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct SteerArgs {
+    /// Gate vectors: the target model's own SRV file (from `extract`)
+    #[arg(long)]
+    pub gate: Option<PathBuf>,
+    /// Steering vectors (SSV), e.g. from an aligned model with the same width and depth; default: the gate file (self-guidance)
+    #[arg(long)]
+    pub steer: Option<PathBuf>,
+    /// Steering strength: alpha * unit vector added per layer (default: from the vector file, else 4)
+    #[arg(long, allow_hyphen_values = true)]
+    pub alpha: Option<f32>,
+    /// Layers to steer: a-b, or a,b,c, or a mix (default: from the vector file, else 10-16)
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Gate layer (default: the gate file's l0)
+    #[arg(long)]
+    pub gate_layer: Option<usize>,
+    /// Gate bias (default: the gate file's calibrated bias); larger is more cautious
+    #[arg(long, allow_hyphen_values = true)]
+    pub bias: Option<f32>,
+    /// plain: no hook; gated: InferAligner; always: shift every request
+    #[arg(long, value_enum, default_value_t = ModeArg::Gated)]
+    pub mode: ModeArg,
+}
+
+/// Parses `10-16`, `3,5,7` or `3,10-12`.
+pub fn parse_layers(spec: &str) -> Result<Vec<usize>> {
+    let mut layers = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("bad layer list {spec:?}: use a-b, a,b,c or a mix");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.trim().parse().with_context(bad)?, b.trim().parse().with_context(bad)?);
+                if a > b {
+                    bail!("bad layer range {part:?}: start after end");
+                }
+                layers.extend(a..=b);
+            }
+            None => layers.push(part.parse().with_context(bad)?),
+        }
+    }
+    if layers.is_empty() {
+        bail!("empty layer list {spec:?}");
+    }
+    Ok(layers)
+}
+
+/// The resolved vectors for a target model.
+pub struct Resolved {
+    pub gate_file: VectorFile,
+    pub gate_path: PathBuf,
+    pub steer_path: PathBuf,
+    pub gate: Gate,
+    pub steering: Steering,
+    pub mode: Mode,
+}
+
+impl SteerArgs {
+    pub fn resolve(&self, model: &Model) -> Result<Resolved> {
+        let gate_path = match &self.gate {
+            Some(path) => path.clone(),
+            None => bail!("no --gate vector file given; make one with `inferalign extract`"),
+        };
+        let gate_file = VectorFile::read(&gate_path)?;
+        gate_file.check_fits(model, &gate_path)?;
+        let gate = Gate::from_file(&gate_file, self.gate_layer, self.bias)?;
+        let (steer_file, steer_path) = match &self.steer {
+            Some(path) => {
+                let file = VectorFile::read(path)?;
+                file.check_fits(model, path)?;
+                (file, path.clone())
+            }
+            None => (gate_file.clone(), gate_path.clone()),
+        };
+        let alpha = self.alpha.unwrap_or(DEFAULT_ALPHA);
+        let layers = parse_layers(self.layers.as_deref().unwrap_or(DEFAULT_LAYERS))?;
+        let steering = Steering::new(&steer_file, alpha, &layers, model.n_layer())
+            .with_context(|| format!("cannot steer with {}", steer_path.display()))?;
+        Ok(Resolved { gate_file, gate_path, steer_path, gate, steering, mode: self.mode.into() })
+    }
+}
+
+impl Resolved {
+    pub fn hook(&self, n_seq: usize) -> Result<SteerHook> {
+        SteerHook::new(self.mode, Some(self.gate.clone()), self.steering.clone(), n_seq)
+    }
+
+    /// The template the gate was calibrated with, if recorded.
+    pub fn recorded_template(&self) -> Option<&str> {
+        self.gate_file.calibration.as_ref().map(|c| c.data.template.as_str())
+    }
+
+    pub fn describe(&self) -> String {
+        let layers = &self.steering.layers;
+        format!(
+            "mode {:?}, gate layer {} bias {:.3} ({}), steer alpha {} on layers {}..={} ({})",
+            self.mode,
+            self.gate.layer,
+            self.gate.bias,
+            self.gate_path.display(),
+            self.steering.alpha,
+            layers[0],
+            layers[layers.len() - 1],
+            self.steer_path.display()
+        )
+    }
+}

@@ -1,0 +1,251 @@
+//! Where the gate decides and the shift happens.
+//!
+//! [`SteerHook`] runs inside llama.cpp's graph. At the gate layer it reads each
+//! request's last prompt token and scores it; for requests it flags (or for all,
+//! in `always` mode) it adds `alpha * theta_l` to every row of that request at
+//! every steered layer `l`. Rows of other requests are never touched, so
+//! requests sharing a batch are steered independently.
+
+use anyhow::{bail, Result};
+
+use crate::capture::{BatchAware, LastToken};
+use crate::gate::Gate;
+use crate::llama::{Batch, LayerHook, LayerOutput};
+use crate::vectors::VectorFile;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// No hook at all: plain llama.cpp.
+    Plain,
+    /// Shift only requests the gate flags (InferAligner).
+    Gated,
+    /// Shift every request, as llama.cpp's control vectors do.
+    Always,
+}
+
+/// The safety steering vectors, scaled: `alpha * theta_l` for each `l` in `L_G`.
+#[derive(Clone, Debug)]
+pub struct Steering {
+    pub alpha: f32,
+    pub layers: Vec<usize>,
+    shifts: Vec<Option<Vec<f32>>>,
+}
+
+impl Steering {
+    /// `n_layer` is the target model's depth; the file must hold every layer asked for.
+    pub fn new(ssv: &VectorFile, alpha: f32, layers: &[usize], n_layer: usize) -> Result<Steering> {
+        if !alpha.is_finite() {
+            bail!("--alpha must be a finite number");
+        }
+        if layers.is_empty() {
+            bail!("no layers to steer");
+        }
+        let mut shifts = vec![None; n_layer];
+        for &layer in layers {
+            if layer >= n_layer {
+                bail!("layer {layer} does not exist: the model has layers 0..{}", n_layer - 1);
+            }
+            let theta = ssv.direction(layer)?;
+            let norm = theta.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if norm == 0.0 {
+                bail!("the steering vector of layer {layer} is zero");
+            }
+            shifts[layer] = Some(theta.iter().map(|x| alpha * x / norm).collect());
+        }
+        let mut layers = layers.to_vec();
+        layers.sort_unstable();
+        layers.dedup();
+        Ok(Steering { alpha, layers, shifts })
+    }
+
+    pub fn first_layer(&self) -> usize {
+        self.layers[0]
+    }
+
+    /// `alpha * theta_l`, if `layer` is steered.
+    pub fn shift(&self, layer: usize) -> Option<&[f32]> {
+        self.shifts.get(layer).and_then(|s| s.as_deref())
+    }
+
+    /// The data llama.cpp's `llama_set_adapter_cvec` takes: layers 1..n_layer, zero where unsteered.
+    pub fn as_control_vector(&self, n_embd: usize) -> Vec<f32> {
+        let mut data = vec![0.0; n_embd * (self.shifts.len() - 1)];
+        for (layer, shift) in self.shifts.iter().enumerate().skip(1) {
+            if let Some(shift) = shift {
+                data[(layer - 1) * n_embd..layer * n_embd].copy_from_slice(shift);
+            }
+        }
+        data
+    }
+}
+
+/// What the gate said about one request.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct GateDecision {
+    pub score: f32,
+    pub harmful: bool,
+    pub layer: usize,
+}
+
+/// Per-sequence state of a request.
+#[derive(Clone, Copy, Debug, Default)]
+struct Request {
+    /// Its last prompt token is in a coming batch and must be gated.
+    awaiting_gate: bool,
+    decision: Option<GateDecision>,
+}
+
+pub struct SteerHook {
+    mode: Mode,
+    gate: Option<Gate>,
+    steering: Steering,
+    /// Off during a gate-only first pass over a prompt.
+    shift_enabled: bool,
+    requests: Vec<Request>,
+    n_tokens: usize,
+    /// Sequence of each token row, and of each output row, in the current batch.
+    row_seq: Vec<usize>,
+    output_seq: Vec<usize>,
+    /// (token row, output row, sequence) of last prompt tokens to gate in this batch.
+    gate_rows: Vec<(usize, usize, usize)>,
+}
+
+impl SteerHook {
+    /// `gate` is required in gated mode; `n_seq` bounds the sequence ids used.
+    pub fn new(mode: Mode, gate: Option<Gate>, steering: Steering, n_seq: usize) -> Result<SteerHook> {
+        if mode == Mode::Gated && gate.is_none() {
+            bail!("gated mode needs a gate");
+        }
+        Ok(SteerHook {
+            mode,
+            gate,
+            steering,
+            shift_enabled: true,
+            requests: vec![Request::default(); n_seq],
+            n_tokens: 0,
+            row_seq: Vec::new(),
+            output_seq: Vec::new(),
+            gate_rows: Vec::new(),
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn gate(&self) -> Option<&Gate> {
+        self.gate.as_ref()
+    }
+
+    pub fn steering(&self) -> &Steering {
+        &self.steering
+    }
+
+    /// A new request starts on `seq`: its next output token is its last prompt
+    /// token, which the gate reads.
+    pub fn begin_request(&mut self, seq: usize) {
+        self.requests[seq] = Request { awaiting_gate: self.mode == Mode::Gated, decision: None };
+    }
+
+    pub fn decision(&self, seq: usize) -> Option<GateDecision> {
+        self.requests[seq].decision
+    }
+
+    /// Whether rows of `seq` are shifted from now on.
+    pub fn is_steered(&self, seq: usize) -> bool {
+        match self.mode {
+            Mode::Plain => false,
+            Mode::Always => true,
+            Mode::Gated => self.requests[seq].decision.is_some_and(|d| d.harmful),
+        }
+    }
+
+    /// Whether one pass can gate and steer a prompt of `n_tokens`: the gate
+    /// layer must come before the first steered layer, and the prompt must fit
+    /// one batch, so the decision precedes every shift.
+    pub fn single_pass(&self, n_tokens: usize, n_batch: usize) -> bool {
+        match (&self.gate, self.mode) {
+            (Some(gate), Mode::Gated) => gate.layer < self.steering.first_layer() && n_tokens <= n_batch,
+            _ => true,
+        }
+    }
+
+    pub fn set_shift_enabled(&mut self, enabled: bool) {
+        self.shift_enabled = enabled;
+    }
+
+    fn steers_any_row(&self) -> bool {
+        self.row_seq.iter().any(|&s| self.is_steered(s))
+    }
+
+    fn run_gate(&mut self, layer: usize, out: &mut LayerOutput) {
+        let Some(gate) = &self.gate else { return };
+        let n_embd = out.n_embd();
+        let all_rows = out.rows() == self.n_tokens;
+        let mut decided = Vec::new();
+        out.read(|data| {
+            for &(token_row, output_row, seq) in &self.gate_rows {
+                let row = if all_rows { token_row } else { output_row };
+                let score = gate.score(&data[row * n_embd..(row + 1) * n_embd]);
+                decided.push((seq, GateDecision { score, harmful: Gate::is_harmful(score), layer }));
+            }
+        });
+        for (seq, decision) in decided {
+            self.requests[seq] = Request { awaiting_gate: false, decision: Some(decision) };
+        }
+        self.gate_rows.clear();
+    }
+
+    fn apply_shift(&self, shift: &[f32], out: &mut LayerOutput) {
+        let n_embd = out.n_embd();
+        let seqs = if out.rows() == self.n_tokens { &self.row_seq } else { &self.output_seq };
+        out.modify(|data| {
+            for (row, &seq) in seqs.iter().enumerate() {
+                if self.is_steered(seq) {
+                    for (x, s) in data[row * n_embd..(row + 1) * n_embd].iter_mut().zip(shift) {
+                        *x += s;
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl LayerHook for SteerHook {
+    // The scheduler asks about each node only after computing (and calling
+    // back on) every node before it, so a gate that fired at an earlier layer
+    // of this same graph is already visible here.
+    fn wants(&mut self, layer: usize) -> bool {
+        let gate_here = !self.gate_rows.is_empty() && self.gate.as_ref().is_some_and(|g| g.layer == layer);
+        let shift_here = self.shift_enabled && self.steering.shift(layer).is_some() && self.steers_any_row();
+        gate_here || shift_here
+    }
+
+    fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) {
+        if !self.gate_rows.is_empty() && self.gate.as_ref().is_some_and(|g| g.layer == layer) {
+            self.run_gate(layer, out);
+        }
+        if let (true, Some(shift)) = (self.shift_enabled, self.steering.shift(layer)) {
+            self.apply_shift(shift, out);
+        }
+    }
+}
+
+impl BatchAware for SteerHook {
+    fn plan(&mut self, batch: &Batch, _: &[LastToken]) {
+        self.n_tokens = batch.len();
+        self.row_seq.clear();
+        self.output_seq.clear();
+        self.gate_rows.clear();
+        for row in 0..batch.len() {
+            let seq = batch.seq(row) as usize;
+            self.row_seq.push(seq);
+            if batch.is_output(row) {
+                if self.requests[seq].awaiting_gate {
+                    self.gate_rows.push((row, self.output_seq.len(), seq));
+                }
+                self.output_seq.push(seq);
+            }
+        }
+    }
+}
