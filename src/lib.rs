@@ -9,10 +9,12 @@
 //! - [`vectors`] reads and writes llama.cpp control-vector GGUF files,
 //! - [`llama`] is the only place that calls llama.cpp unsafely.
 
+pub mod cache;
 pub mod capture;
 pub mod extract;
 pub mod gate;
 pub mod generate;
+pub mod judge;
 pub mod llama;
 pub mod prompts;
 pub mod steer;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use inferalign::generate::{generate, Sampling};
+use inferalign::generate::{self, Event, Sampling};
 use inferalign::llama::Context;
 use inferalign::prompts::{prepare, read_prompts};
 use inferalign::steer::Mode;
@@ -75,13 +75,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if !args.json {
             println!("> {prompt}");
         }
-        let stream = !args.json;
-        let generation = generate(&model, &mut ctx, tokens, &sampling, |piece| {
-            if stream {
-                print!("{piece}");
+        let mut done = None;
+        generate::run(&model, &mut ctx, std::slice::from_ref(tokens), &sampling, 1, |event| match event {
+            Event::Text { text, .. } if !args.json => {
+                print!("{text}");
                 let _ = std::io::stdout().flush();
             }
+            Event::Done { generation, .. } => done = Some(generation),
+            _ => {}
         })?;
+        let generation = done.expect("every request finishes");
         if args.json {
             let line = serde_json::json!({
                 "prompt": prompt,

@@ -5,6 +5,7 @@ mod classify;
 mod extract;
 mod generate;
 mod inspect;
+mod judge_check;
 mod steer_args;
 
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ enum Command {
     Classify(classify::ClassifyArgs),
     /// Answer prompts with the gate and the safety shift inside llama.cpp's graph
     Generate(generate::GenerateArgs),
+    /// Check the refusal judge against human-labelled responses
+    JudgeCheck(judge_check::JudgeCheckArgs),
     /// Measure speed against plain llama.cpp work on the same model, in one run
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -44,6 +47,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Classify(args) => classify::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::JudgeCheck(args) => judge_check::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }
