@@ -131,5 +131,6 @@ pub fn vector_file(model: &Model, extraction: &Extraction, data: DataIdentity) -
             model: identity,
             data,
         }),
+        defaults: None,
     })
 }

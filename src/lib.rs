@@ -11,11 +11,13 @@
 
 pub mod cache;
 pub mod capture;
+pub mod eval;
 pub mod extract;
 pub mod gate;
 pub mod generate;
 pub mod judge;
 pub mod llama;
+pub mod plot;
 pub mod prompts;
 pub mod steer;
 pub mod vectors;

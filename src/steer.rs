@@ -80,7 +80,7 @@ impl Steering {
 }
 
 /// What the gate said about one request.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GateDecision {
     pub score: f32,
     pub harmful: bool,

@@ -72,6 +72,13 @@ impl Calibration {
     }
 }
 
+/// Steering defaults chosen by `inferalign sweep`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct SteerDefaults {
+    pub alpha: f32,
+    pub layers: Vec<usize>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct VectorFile {
     pub model_hint: String,
@@ -81,6 +88,7 @@ pub struct VectorFile {
     #[serde(skip)]
     pub directions: BTreeMap<usize, Vec<f32>>,
     pub calibration: Option<Calibration>,
+    pub defaults: Option<SteerDefaults>,
 }
 
 impl VectorFile {
@@ -138,6 +146,10 @@ impl VectorFile {
         if let Some(cal) = &self.calibration {
             write_calibration(&mut w, cal);
         }
+        if let Some(d) = &self.defaults {
+            w.set(&key("default.alpha"), GgufValue::F32(d.alpha));
+            w.set(&key("default.layers"), GgufValue::U32Array(d.layers.iter().map(|&l| l as u32).collect()));
+        }
         for (layer, v) in &self.directions {
             w.add_tensor(&format!("direction.{layer}"), v.clone());
         }
@@ -181,7 +193,14 @@ fn read_file(path: &Path) -> Result<VectorFile> {
         Some(_) => Some(read_calibration(&file, &directions)?),
         None => None,
     };
-    Ok(VectorFile { model_hint, layer_count, n_embd, directions, calibration })
+    let defaults = match (file.get(&key("default.alpha")), file.get(&key("default.layers"))) {
+        (Some(GgufValue::F32(alpha)), Some(GgufValue::U32Array(layers))) if alpha.is_finite() => {
+            Some(SteerDefaults { alpha, layers: layers.into_iter().map(|l| l as usize).collect() })
+        }
+        (None, None) => None,
+        _ => bail!("metadata {} / {} are malformed", key("default.alpha"), key("default.layers")),
+    };
+    Ok(VectorFile { model_hint, layer_count, n_embd, directions, calibration, defaults })
 }
 
 fn key(name: &str) -> String {

@@ -10,7 +10,7 @@ use inferalign::vectors::VectorFile;
 
 fn plain_vectors(path: &Path, n_embd: usize, layers: std::ops::Range<usize>) -> PathBuf {
     let directions: BTreeMap<usize, Vec<f32>> = layers.map(|l| (l, vec![0.01; n_embd])).collect();
-    let file = VectorFile { model_hint: "test".into(), layer_count: directions.len() as u32, n_embd, directions, calibration: None };
+    let file = VectorFile { model_hint: "test".into(), layer_count: directions.len() as u32, n_embd, directions, calibration: None, defaults: None };
     file.write(path).unwrap();
     path.to_path_buf()
 }

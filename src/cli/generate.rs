@@ -11,7 +11,7 @@ use inferalign::llama::Context;
 use inferalign::prompts::{prepare, read_prompts};
 use inferalign::steer::Mode;
 
-use super::steer_args::SteerArgs;
+use super::steer_args::{ModeArg, SteerArgs};
 use super::ModelArgs;
 
 #[derive(Args)]
@@ -20,6 +20,9 @@ pub struct GenerateArgs {
     model: ModelArgs,
     #[command(flatten)]
     steer: SteerArgs,
+    /// plain: no hook; gated: InferAligner; always: shift every request
+    #[arg(long, value_enum, default_value_t = ModeArg::Gated)]
+    mode: ModeArg,
     /// One prompt
     #[arg(short, long, conflicts_with = "prompts", required_unless_present = "prompts")]
     prompt: Option<String>,
@@ -62,7 +65,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, None) => unreachable!("clap requires one"),
     };
     let model = args.model.load()?;
-    let resolved = args.steer.resolve(&model)?;
+    let resolved = args.steer.resolve(&model, args.mode.into())?;
     eprintln!("{}", resolved.describe());
     let template = args.model.template(&model, resolved.recorded_template())?;
     let tokens = prepare(&model, &template, &prompts, args.model.ctx_size as usize)?;

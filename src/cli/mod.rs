@@ -2,11 +2,13 @@
 
 mod bench;
 mod classify;
+mod eval;
 mod extract;
 mod generate;
 mod inspect;
 mod judge_check;
 mod steer_args;
+mod sweep;
 
 use std::path::PathBuf;
 
@@ -34,6 +36,10 @@ enum Command {
     Classify(classify::ClassifyArgs),
     /// Answer prompts with the gate and the safety shift inside llama.cpp's graph
     Generate(generate::GenerateArgs),
+    /// Evaluate plain, always-on and gated modes: attack success, jailbreaks, harmless refusals, utility
+    Eval(eval::EvalArgs),
+    /// Sweep steering strength and layers in gated mode; pick and optionally store the best point
+    Sweep(sweep::SweepArgs),
     /// Check the refusal judge against human-labelled responses
     JudgeCheck(judge_check::JudgeCheckArgs),
     /// Measure speed against plain llama.cpp work on the same model, in one run
@@ -47,6 +53,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Classify(args) => classify::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Sweep(args) => sweep::run(args),
         Command::JudgeCheck(args) => judge_check::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }

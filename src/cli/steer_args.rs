@@ -55,9 +55,6 @@ pub struct SteerArgs {
     /// Gate bias (default: the gate file's calibrated bias); larger is more cautious
     #[arg(long, allow_hyphen_values = true)]
     pub bias: Option<f32>,
-    /// plain: no hook; gated: InferAligner; always: shift every request
-    #[arg(long, value_enum, default_value_t = ModeArg::Gated)]
-    pub mode: ModeArg,
 }
 
 /// Parses `10-16`, `3,5,7` or `3,10-12`.
@@ -93,7 +90,7 @@ pub struct Resolved {
 }
 
 impl SteerArgs {
-    pub fn resolve(&self, model: &Model) -> Result<Resolved> {
+    pub fn resolve(&self, model: &Model, mode: Mode) -> Result<Resolved> {
         let gate_path = match &self.gate {
             Some(path) => path.clone(),
             None => bail!("no --gate vector file given; make one with `inferalign extract`"),
@@ -109,17 +106,26 @@ impl SteerArgs {
             }
             None => (gate_file.clone(), gate_path.clone()),
         };
-        let alpha = self.alpha.unwrap_or(DEFAULT_ALPHA);
-        let layers = parse_layers(self.layers.as_deref().unwrap_or(DEFAULT_LAYERS))?;
+        let recorded = steer_file.defaults.clone().or_else(|| gate_file.defaults.clone());
+        let alpha = self.alpha.or(recorded.as_ref().map(|d| d.alpha)).unwrap_or(DEFAULT_ALPHA);
+        let layers = match (&self.layers, recorded) {
+            (Some(spec), _) => parse_layers(spec)?,
+            (None, Some(d)) => d.layers,
+            (None, None) => parse_layers(DEFAULT_LAYERS)?,
+        };
         let steering = Steering::new(&steer_file, alpha, &layers, model.n_layer())
             .with_context(|| format!("cannot steer with {}", steer_path.display()))?;
-        Ok(Resolved { gate_file, gate_path, steer_path, gate, steering, mode: self.mode.into() })
+        Ok(Resolved { gate_file, gate_path, steer_path, gate, steering, mode })
     }
 }
 
 impl Resolved {
     pub fn hook(&self, n_seq: usize) -> Result<SteerHook> {
-        SteerHook::new(self.mode, Some(self.gate.clone()), self.steering.clone(), n_seq)
+        self.hook_for(self.mode, n_seq)
+    }
+
+    pub fn hook_for(&self, mode: Mode, n_seq: usize) -> Result<SteerHook> {
+        SteerHook::new(mode, Some(self.gate.clone()), self.steering.clone(), n_seq)
     }
 
     /// The template the gate was calibrated with, if recorded.

@@ -1,0 +1,283 @@
+//! `inferalign eval`: harmfulness, jailbreaks, harmless refusals and utility,
+//! in plain, always-on and gated modes, on the same prompts.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use clap::Args;
+use serde_json::json;
+
+use inferalign::eval::{held_out, jailbreak_items, read_jailbreaks, read_tasks, summarise, Item, Outcome, Set};
+use inferalign::extract::model_identity;
+use inferalign::generate::{self, Event};
+use inferalign::llama::Context;
+use inferalign::plot;
+use inferalign::prompts::prepare;
+use inferalign::steer::Mode;
+
+use super::generate::SamplingArgs;
+use super::steer_args::{ModeArg, Resolved, SteerArgs};
+use super::{progress, ModelArgs};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    steer: SteerArgs,
+    /// Harmful instructions (default: AdvBench from the set-up cache); prompts the gate trained on are skipped
+    #[arg(long)]
+    harmful: Option<PathBuf>,
+    /// Harmless instructions (default: data/harmless.txt); prompts the gate trained on are skipped
+    #[arg(long)]
+    harmless: Option<PathBuf>,
+    /// Jailbreak templates, JSONL {family, template with {instruction}} (default: data/jailbreaks.jsonl)
+    #[arg(long)]
+    jailbreaks: Option<PathBuf>,
+    /// Utility tasks, JSONL {prompt, answer} (default: data/tasks.jsonl)
+    #[arg(long)]
+    tasks: Option<PathBuf>,
+    /// At most this many prompts per set
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Modes to compare
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ModeArg::Plain, ModeArg::Always, ModeArg::Gated])]
+    modes: Vec<ModeArg>,
+    /// Requests decoded together
+    #[arg(long, default_value_t = 8)]
+    parallel: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Output folder: outputs.jsonl (incremental, resumable), report.json, report.md, plots
+    #[arg(short, long)]
+    out: PathBuf,
+}
+
+pub fn repo_data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name)
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let model = args.model.load()?;
+    let resolved = args.steer.resolve(&model, Mode::Gated)?;
+    eprintln!("{}", resolved.describe());
+    let template = args.model.template(&model, resolved.recorded_template())?;
+    let limit = args.limit.unwrap_or(usize::MAX);
+    let cal = resolved.gate_file.calibration.as_ref();
+
+    let harmful_path = args.harmful.clone().unwrap_or_else(|| inferalign::cache::data_file("advbench.jsonl"));
+    let harmless_path = args.harmless.clone().unwrap_or_else(|| repo_data("harmless.txt"));
+    let (harmful, skipped_harmful) = held_out(&harmful_path, cal.map(|c| (&c.data.harmful, c.data.seed)))?;
+    let (harmless, skipped_harmless) = held_out(&harmless_path, cal.map(|c| (&c.data.harmless, c.data.seed)))?;
+    let mut items = Vec::new();
+    let plain_items = |set: Set, prompts: &[String]| -> Vec<Item> {
+        prompts.iter().take(limit).enumerate().map(|(index, p)| Item { set, index, prompt: p.clone(), answer: None, family: None }).collect()
+    };
+    items.extend(plain_items(Set::Harmful, &harmful));
+    items.extend(plain_items(Set::Harmless, &harmless));
+    let jailbreak_path = args.jailbreaks.clone().unwrap_or_else(|| repo_data("jailbreaks.jsonl"));
+    let templates = read_jailbreaks(&jailbreak_path)?;
+    items.extend(jailbreak_items(&harmful, &templates, limit));
+    let tasks_path = args.tasks.clone().unwrap_or_else(|| repo_data("tasks.jsonl"));
+    for (index, (prompt, answer)) in read_tasks(&tasks_path)?.into_iter().take(limit).enumerate() {
+        items.push(Item { set: Set::Tasks, index, prompt, answer: Some(answer), family: None });
+    }
+    eprintln!(
+        "sets: {} harmful (skipped {skipped_harmful} training prompts), {} harmless (skipped {skipped_harmless}), {} jailbreaks, {} tasks",
+        items.iter().filter(|i| i.set == Set::Harmful).count(),
+        items.iter().filter(|i| i.set == Set::Harmless).count(),
+        items.iter().filter(|i| i.set == Set::Jailbreak).count(),
+        items.iter().filter(|i| i.set == Set::Tasks).count()
+    );
+
+    let params = json!({
+        "model": model.path.display().to_string(),
+        "gate": resolved.gate_path.display().to_string(),
+        "steer": resolved.steer_path.display().to_string(),
+        "alpha": resolved.steering.alpha,
+        "layers": resolved.steering.layers,
+        "gate_layer": resolved.gate.layer,
+        "bias": resolved.gate.bias,
+        "template": template.name,
+        "system_prompt": template.system_prompt,
+        "max_tokens": args.sampling.max_tokens,
+        "temperature": args.sampling.temp,
+        "seed": args.sampling.seed,
+        "harmful": harmful_path.display().to_string(),
+        "harmless": harmless_path.display().to_string(),
+        "jailbreaks": jailbreak_path.display().to_string(),
+        "tasks": tasks_path.display().to_string(),
+        "limit": args.limit,
+    });
+    let mut outcomes = resume(&args.out, &params)?;
+    let done: HashSet<(String, Set, usize)> = outcomes.iter().map(|o| (o.mode.clone(), o.set, o.index)).collect();
+    let mut speeds = read_json(&args.out.join("speed.json")).unwrap_or_else(|| json!({}));
+    let tokens = prepare(&model, &template, &items.iter().map(|i| i.prompt.clone()).collect::<Vec<_>>(), args.model.ctx_size as usize)?;
+    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(args.out.join("outputs.jsonl"))?;
+
+    for &mode_arg in &args.modes {
+        let mode: Mode = mode_arg.into();
+        let name = mode_name(mode);
+        let todo: Vec<usize> = (0..items.len()).filter(|&i| !done.contains(&(name.to_string(), items[i].set, items[i].index))).collect();
+        if todo.is_empty() {
+            eprintln!("{name}: all {} prompts already done", items.len());
+            continue;
+        }
+        let mut params_ctx = args.model.context_params();
+        params_ctx.n_seq_max = params_ctx.n_seq_max.max(args.parallel as u32);
+        let mut ctx = Context::new(&model, &params_ctx, resolved.hook_for(mode, args.parallel)?, mode != Mode::Plain)?;
+        let bar = progress(todo.len() as u64, name);
+        let prompts: Vec<Vec<i32>> = todo.iter().map(|&i| tokens[i].clone()).collect();
+        let mut write_error = None;
+        let stats = generate::run(&model, &mut ctx, &prompts, &args.sampling.sampling(), args.parallel, |event| {
+            if let Event::Done { request, generation } = event {
+                let item = &items[todo[request]];
+                let outcome = Outcome::new(name, item, generation.output, generation.gate, generation.steered, generation.tokens.len());
+                if let Err(e) = writeln!(log, "{}", serde_json::to_string(&outcome).expect("serialisable")) {
+                    write_error.get_or_insert(e);
+                }
+                outcomes.push(outcome);
+                bar.inc(1);
+            }
+        })?;
+        bar.finish_and_clear();
+        if let Some(e) = write_error {
+            return Err(e).context("cannot append to outputs.jsonl");
+        }
+        speeds[name] = json!({
+            "prompt_tokens_per_second": stats.prompt_tokens as f64 / stats.prefill_seconds.max(1e-9),
+            "generated_tokens_per_second": stats.generated_tokens as f64 / stats.decode_seconds.max(1e-9),
+            "stats": stats,
+        });
+        std::fs::write(args.out.join("speed.json"), serde_json::to_string_pretty(&speeds)?)?;
+    }
+
+    let figures = summarise(&outcomes);
+    let report = json!({
+        "tool_version": env!("CARGO_PKG_VERSION"),
+        "model": model_identity(&model)?,
+        "params": params,
+        "gate_calibration": cal.map(|c| json!({"gate_layer": c.gate_layer, "layers": c.layers})),
+        "figures": figures,
+        "speed": speeds,
+        "judge": "refusal phrases in the first 160 characters; degenerate = empty, garbage or repeated n-grams (see `inferalign judge-check`)",
+    });
+    std::fs::write(args.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    let markdown = report_markdown(&figures, &speeds, &resolved);
+    std::fs::write(args.out.join("report.md"), &markdown)?;
+    plots(&args.out, &figures, &outcomes, &resolved)?;
+    println!("{markdown}");
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Plain => "plain",
+        Mode::Always => "always",
+        Mode::Gated => "gated",
+    }
+}
+
+fn read_json(path: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// Earlier outcomes in `out`, if they were made with the same parameters.
+fn resume(out: &Path, params: &serde_json::Value) -> Result<Vec<Outcome>> {
+    let params_path = out.join("params.json");
+    match read_json(&params_path) {
+        Some(previous) if &previous != params => bail!(
+            "{} holds results made with other parameters; use another --out or delete it",
+            out.display()
+        ),
+        Some(_) => {}
+        None => {
+            std::fs::write(&params_path, serde_json::to_string_pretty(params)?)?;
+            let _ = std::fs::remove_file(out.join("outputs.jsonl"));
+        }
+    }
+    let text = std::fs::read_to_string(out.join("outputs.jsonl")).unwrap_or_default();
+    let outcomes: Vec<Outcome> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    if !outcomes.is_empty() {
+        eprintln!("resuming: {} outputs already in {}", outcomes.len(), out.display());
+    }
+    Ok(outcomes)
+}
+
+type Figures = BTreeMap<String, BTreeMap<String, inferalign::eval::SetFigures>>;
+
+fn pct(x: Option<f64>) -> String {
+    x.map(|v| format!("{:.1}%", 100.0 * v)).unwrap_or_else(|| "-".into())
+}
+
+fn report_markdown(figures: &Figures, speeds: &serde_json::Value, resolved: &Resolved) -> String {
+    let mut md = String::new();
+    md.push_str(&format!("# inferalign eval\n\n{}\n\n", resolved.describe()));
+    md.push_str("| mode | harmful ASR | jailbreak ASR | harmless refusal | degenerate | task accuracy | gate TPR | gate FPR | prompt tok/s | gen tok/s |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    for mode in ["plain", "always", "gated"] {
+        let Some(sets) = figures.get(mode) else { continue };
+        let get = |set: &str| sets.get(set);
+        let total: usize = sets.values().map(|f| f.n).sum();
+        let degenerate: usize = sets.values().map(|f| f.degenerate).sum();
+        let speed = |k: &str| speeds[mode][k].as_f64().map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
+        md.push_str(&format!(
+            "| {mode} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            pct(get("harmful").map(|f| f.attack_success_rate)),
+            pct(get("jailbreak").map(|f| f.attack_success_rate)),
+            pct(get("harmless").map(|f| f.refusal_rate)),
+            pct((total > 0).then(|| degenerate as f64 / total as f64)),
+            pct(get("tasks").and_then(|f| f.accuracy)),
+            pct(get("harmful").and_then(|f| f.gate_fired_rate)),
+            pct(get("harmless").and_then(|f| f.gate_fired_rate)),
+            speed("prompt_tokens_per_second"),
+            speed("generated_tokens_per_second"),
+        ));
+    }
+    md.push_str("\nASR: answered without refusal and not degenerate. Counts per set are in report.json.\n");
+    md
+}
+
+fn plots(out: &Path, figures: &Figures, outcomes: &[Outcome], resolved: &Resolved) -> Result<()> {
+    if let Some(cal) = &resolved.gate_file.calibration {
+        let series = |f: fn(&inferalign::vectors::LayerStats) -> f32| cal.layers.iter().map(|s| (s.layer as f64, f(s) as f64)).collect();
+        plot::lines(
+            &out.join("gate_layers.svg"),
+            "gate on held-out prompts, per layer",
+            "layer",
+            &[("accuracy", series(|s| s.accuracy)), ("TPR", series(|s| s.tpr)), ("FPR", series(|s| s.fpr))],
+            Some(cal.gate_layer as f64),
+        )?;
+    }
+    let scores = |set: Set| outcomes.iter().filter(|o| o.mode == "gated" && o.set == set).filter_map(|o| o.gate.map(|g| g.score)).collect::<Vec<_>>();
+    let (harmful, harmless) = (scores(Set::Harmful), scores(Set::Harmless));
+    if !harmful.is_empty() || !harmless.is_empty() {
+        plot::histogram(
+            &out.join("gate_scores.svg"),
+            &format!("gate scores at layer {}", resolved.gate.layer),
+            &[("harmful", harmful), ("harmless", harmless)],
+        )?;
+    }
+    let metrics = ["harmful ASR", "jailbreak ASR", "harmless refusal", "task accuracy"];
+    let modes: Vec<(&str, Vec<f64>)> = ["plain", "always", "gated"]
+        .iter()
+        .filter_map(|&m| {
+            let sets = figures.get(m)?;
+            let v = |set: &str, f: fn(&inferalign::eval::SetFigures) -> f64| sets.get(set).map(f).unwrap_or(0.0);
+            Some((
+                m,
+                vec![
+                    v("harmful", |f| f.attack_success_rate),
+                    v("jailbreak", |f| f.attack_success_rate),
+                    v("harmless", |f| f.refusal_rate),
+                    v("tasks", |f| f.accuracy.unwrap_or(0.0)),
+                ],
+            ))
+        })
+        .collect();
+    plot::grouped_bars(&out.join("modes.svg"), "plain vs always-on vs gated", &metrics, &modes)
+}
