@@ -58,8 +58,15 @@ impl CaptureHook {
         }
     }
 
-    fn reset(&mut self, n_prompts: usize) {
+    /// Starts a capture of `n_prompts` prompts (indexed as in the decoded list).
+    pub fn begin(&mut self, n_prompts: usize) {
         self.acts = Array3::zeros((n_prompts, self.layers.len(), self.n_embd));
+    }
+
+    /// The activations captured since `begin`, `[prompt, layer, n_embd]`.
+    pub fn take(&mut self) -> Array3<f32> {
+        self.plan.clear();
+        std::mem::replace(&mut self.acts, Array3::zeros((0, 0, 0)))
     }
 }
 
@@ -209,9 +216,7 @@ pub fn capture(
     reuse_prefix: bool,
     progress: &ProgressBar,
 ) -> Result<(Array3<f32>, DecodeStats)> {
-    ctx.hook_mut().reset(prompts.len());
+    ctx.hook_mut().begin(prompts.len());
     let stats = decode_prompts(ctx, prompts, reuse_prefix, progress)?;
-    ctx.hook_mut().plan.clear();
-    let acts = std::mem::replace(&mut ctx.hook_mut().acts, Array3::zeros((0, 0, 0)));
-    Ok((acts, stats))
+    Ok((ctx.hook_mut().take(), stats))
 }

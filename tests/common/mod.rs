@@ -78,3 +78,39 @@ pub fn cli_err(args: &[&str], needle: &str) -> String {
     assert!(errors[0].contains(needle), "error {:?} does not mention {needle:?}", errors[0]);
     errors[0].to_string()
 }
+
+/// A gate file for `name`, extracted once per test process from the first
+/// 40 AdvBench and 40 own harmless prompts (32 train each), quick to make.
+pub fn quick_gate(name: &str) -> PathBuf {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static MADE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut made = MADE.get_or_init(Default::default).lock().unwrap();
+    if let Some(path) = made.get(name) {
+        return path.clone();
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("gate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let harmful: Vec<String> = inferalign::prompts::read_prompts(&advbench()).unwrap().into_iter().take(40).collect();
+    let harmless: Vec<String> = inferalign::prompts::read_prompts(&harmless()).unwrap().into_iter().take(40).collect();
+    let (harmful, harmless) = (write_lines(&dir, "harmful.txt", &harmful), write_lines(&dir, "harmless.txt", &harmless));
+    let out = dir.join(format!("{name}.srv.gguf"));
+    let model = model(name);
+    let mut args = vec![
+        "extract",
+        "--model",
+        model.to_str().unwrap(),
+        "--harmful",
+        harmful.to_str().unwrap(),
+        "--harmless",
+        harmless.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--train",
+        "32",
+    ];
+    args.extend(template_args(name));
+    cli_ok(&args);
+    made.insert(name.to_string(), out.clone());
+    out
+}

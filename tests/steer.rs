@@ -1,0 +1,158 @@
+//! Gated steering on real models: a closed gate changes nothing, an open one
+//! adds exactly alpha * theta_l, and our shift means what llama.cpp's own
+//! control vectors mean.
+
+mod common;
+
+use indicatif::ProgressBar;
+use ndarray::s;
+
+use inferalign::capture::{decode_prompts, CaptureHook};
+use inferalign::gate::Gate;
+use inferalign::generate::{self, Event, Generation, Sampling};
+use inferalign::llama::{Context, ContextParams, Model};
+use inferalign::prompts::{prepare, read_prompts, Template};
+use inferalign::steer::{Mode, SteerHook, Steering};
+use inferalign::vectors::VectorFile;
+
+struct Setup {
+    model: Model,
+    vectors: VectorFile,
+    template: Template,
+}
+
+fn setup(name: &str) -> Setup {
+    let gate_path = common::quick_gate(name);
+    let model = Model::load(&common::model(name), 0).unwrap();
+    let vectors = VectorFile::read(&gate_path).unwrap();
+    let template_name = (name == common::GEMMA).then_some("gemma");
+    let template = Template::resolve(&model, template_name, None).unwrap();
+    Setup { model, vectors, template }
+}
+
+impl Setup {
+    fn hook(&self, mode: Mode, bias: Option<f32>, alpha: f32, layers: &[usize]) -> SteerHook {
+        let gate = Gate::from_file(&self.vectors, None, bias).unwrap();
+        let steering = Steering::new(&self.vectors, alpha, layers, self.model.n_layer()).unwrap();
+        SteerHook::new(mode, Some(gate), steering, 64).unwrap()
+    }
+
+    fn tokens(&self, prompts: &[String]) -> Vec<Vec<i32>> {
+        prepare(&self.model, &self.template, prompts, 4096).unwrap()
+    }
+
+    /// Generations in prompt order.
+    fn generate(&self, hook: SteerHook, params: &ContextParams, cvec: bool, tokens: &[Vec<i32>], sampling: &Sampling) -> Vec<Generation> {
+        let with_callback = hook.mode() != Mode::Plain;
+        let steering = hook.steering().clone();
+        let mut ctx = Context::new(&self.model, params, hook, with_callback).unwrap();
+        if cvec {
+            let n_embd = self.model.n_embd();
+            let data = steering.as_control_vector(n_embd);
+            let (first, last) = (steering.layers[0] as i32, *steering.layers.last().unwrap() as i32);
+            ctx.set_control_vector(Some((&data, n_embd, first, last))).unwrap();
+        }
+        let mut out: Vec<Option<Generation>> = vec![None; tokens.len()];
+        generate::run(&self.model, &mut ctx, tokens, sampling, 1, |event| {
+            if let Event::Done { request, generation } = event {
+                out[request] = Some(generation);
+            }
+        })
+        .unwrap();
+        out.into_iter().map(Option::unwrap).collect()
+    }
+}
+
+fn harmless_probes(n: usize) -> Vec<String> {
+    // Held out from the quick gate's 40.
+    read_prompts(&common::harmless()).unwrap().into_iter().skip(60).take(n).collect()
+}
+
+fn closed_gate_is_token_identical(name: &str, layers: &[usize]) {
+    let setup = setup(name);
+    let tokens = setup.tokens(&harmless_probes(24));
+    for sampling in [
+        Sampling { max_tokens: 24, ..Sampling::default() },
+        Sampling { max_tokens: 24, temperature: 0.8, seed: 7, ..Sampling::default() },
+    ] {
+        let plain = setup.generate(setup.hook(Mode::Plain, None, 4.0, layers), &ContextParams::default(), false, &tokens, &sampling);
+        let gated = setup.generate(setup.hook(Mode::Gated, None, 4.0, layers), &ContextParams::default(), false, &tokens, &sampling);
+        let mut closed = 0;
+        for (p, g) in plain.iter().zip(&gated) {
+            let decision = g.gate.expect("gated mode decides");
+            if !decision.harmful {
+                closed += 1;
+                assert!(!g.steered);
+                assert_eq!(p.tokens, g.tokens, "gate closed but output changed (temperature {})", sampling.temperature);
+            }
+        }
+        assert!(closed >= 20, "only {closed} of 24 harmless prompts kept the gate closed");
+    }
+}
+
+#[test]
+fn qwen_closed_gate_output_is_token_identical_to_plain() {
+    closed_gate_is_token_identical(common::QWEN, &[10, 11, 12, 13, 14]);
+}
+
+#[test]
+fn gemma_closed_gate_output_is_token_identical_to_plain() {
+    closed_gate_is_token_identical(common::GEMMA, &[6, 7, 8, 9]);
+}
+
+#[test]
+fn open_gate_adds_exactly_alpha_theta() {
+    let setup = setup(common::QWEN);
+    let tokens = setup.tokens(&harmless_probes(1));
+    let (alpha, layers) = (3.5, [12usize, 13, 14]);
+    let capture_at = |steer: SteerHook| {
+        let mut ctx = Context::new(&setup.model, &ContextParams::default(), (steer, CaptureHook::new(&setup.model, &layers)), true).unwrap();
+        // Without prefix reuse the single prompt decodes as sequence 1.
+        ctx.hook_mut().0.begin_request(1);
+        ctx.hook_mut().1.begin(1);
+        decode_prompts(&mut ctx, &tokens, false, &ProgressBar::hidden()).unwrap();
+        let opened = ctx.hook().0.decision(1);
+        (ctx.hook_mut().1.take(), opened)
+    };
+    let (plain, closed) = capture_at(setup.hook(Mode::Gated, Some(-1e6), alpha, &layers));
+    let (steered, open) = capture_at(setup.hook(Mode::Gated, Some(1e6), alpha, &layers));
+    assert!(!closed.unwrap().harmful && open.unwrap().harmful);
+    let theta = setup.vectors.direction(12).unwrap();
+    let (a, b) = (plain.slice(s![0, 12, ..]), steered.slice(s![0, 12, ..]));
+    for i in 0..theta.len() {
+        let expected = a[i] + alpha * theta[i];
+        assert!((b[i] - expected).abs() <= 1e-5 * (1.0 + expected.abs()), "element {i}: {} vs {expected}", b[i]);
+    }
+}
+
+fn our_shift_matches_llama_control_vectors(name: &str, layers: &[usize]) {
+    let setup = setup(name);
+    let harmful: Vec<String> = read_prompts(&common::advbench()).unwrap().into_iter().skip(100).take(3).collect();
+    let tokens = setup.tokens(&[harmful, harmless_probes(3)].concat());
+    let sampling = Sampling { max_tokens: 24, ..Sampling::default() };
+    let params = ContextParams::default();
+    let ours = setup.generate(setup.hook(Mode::Always, None, 4.0, layers), &params, false, &tokens, &sampling);
+    let llama = setup.generate(setup.hook(Mode::Plain, None, 4.0, layers), &params, true, &tokens, &sampling);
+    let plain = setup.generate(setup.hook(Mode::Plain, None, 4.0, layers), &params, false, &tokens, &sampling);
+    for (o, l) in ours.iter().zip(&llama) {
+        assert_eq!(o.tokens, l.tokens, "our shift and llama_set_adapter_cvec disagree");
+        assert!(o.steered);
+    }
+    assert!(ours.iter().zip(&plain).any(|(o, p)| o.tokens != p.tokens), "the shift changed nothing: the test proves nothing");
+    // The device-copy path (ggml_backend_tensor_get/set) shifts the same.
+    let forced = ContextParams { force_device_copy: true, ..ContextParams::default() };
+    let copied = setup.generate(setup.hook(Mode::Always, None, 4.0, layers), &forced, false, &tokens, &sampling);
+    for (o, c) in ours.iter().zip(&copied) {
+        assert_eq!(o.tokens, c.tokens, "host and device-copy paths disagree");
+    }
+}
+
+#[test]
+fn qwen_always_mode_equals_llama_cpp_control_vector() {
+    our_shift_matches_llama_control_vectors(common::QWEN, &[10, 11, 12, 13, 14]);
+}
+
+#[test]
+fn gemma_always_mode_equals_llama_cpp_control_vector() {
+    our_shift_matches_llama_control_vectors(common::GEMMA, &[6, 7, 8, 9]);
+}
