@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 # llama.cpp uses every core for one decode; tests in parallel would only fight.
+cargo build --release
 cargo test --release --no-fail-fast -- --test-threads=1

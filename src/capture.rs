@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use indicatif::ProgressBar;
 use ndarray::Array3;
 
-use crate::llama::{Batch, Context, LayerHook, LayerOutput, Model, NoHook};
+use crate::llama::{Batch, BatchLayout, Context, LayerHook, LayerOutput, Model, NoHook};
 
 /// Where a prompt's last token sits in the batch being decoded.
 #[derive(Clone, Copy, Debug)]
@@ -19,15 +19,15 @@ pub struct LastToken {
 
 /// A hook that is told, before each decode, where the prompts' last tokens are.
 pub trait BatchAware: LayerHook {
-    fn plan(&mut self, batch: &Batch, last_tokens: &[LastToken]);
+    fn plan(&mut self, batch: &dyn BatchLayout, last_tokens: &[LastToken]);
 }
 
 impl BatchAware for NoHook {
-    fn plan(&mut self, _: &Batch, _: &[LastToken]) {}
+    fn plan(&mut self, _: &dyn BatchLayout, _: &[LastToken]) {}
 }
 
 impl<A: BatchAware, B: BatchAware> BatchAware for (A, B) {
-    fn plan(&mut self, batch: &Batch, last_tokens: &[LastToken]) {
+    fn plan(&mut self, batch: &dyn BatchLayout, last_tokens: &[LastToken]) {
         self.0.plan(batch, last_tokens);
         self.1.plan(batch, last_tokens);
     }
@@ -90,7 +90,7 @@ impl LayerHook for CaptureHook {
 }
 
 impl BatchAware for CaptureHook {
-    fn plan(&mut self, batch: &Batch, last_tokens: &[LastToken]) {
+    fn plan(&mut self, batch: &dyn BatchLayout, last_tokens: &[LastToken]) {
         self.n_tokens = batch.len();
         self.plan.clear();
         self.plan.extend_from_slice(last_tokens);
@@ -147,7 +147,7 @@ pub fn decode_prompts<H: BatchAware>(
         if batch.is_empty() {
             return Ok(());
         }
-        ctx.hook_mut().plan(batch, last_tokens);
+        ctx.hook_mut().plan(&*batch, last_tokens);
         ctx.decode(batch)?;
         decoded += batch.len();
         batch.clear();

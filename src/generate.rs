@@ -13,7 +13,7 @@ use llama_cpp_2::vocab::LlamaVocab;
 use serde::Serialize;
 
 use crate::capture::BatchAware;
-use crate::llama::{Batch, Context, Model};
+use crate::llama::{Batch, BatchLayout, Context, Model};
 use crate::steer::{GateDecision, SteerHook};
 
 #[derive(Clone, Debug)]
@@ -96,7 +96,7 @@ pub fn prefill<H: BatchAware>(ctx: &mut Context<'_, H>, batch: &mut Batch, token
             let last = offset + i + 1 == start + tokens.len();
             batch.add(token, (offset + i) as i32, seq, last);
         }
-        ctx.hook_mut().plan(batch, &[]);
+        ctx.hook_mut().plan(&*batch, &[]);
         ctx.decode(batch).context("prompt decode failed")?;
     }
     Ok(())

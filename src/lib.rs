@@ -10,6 +10,7 @@
 //! - [`llama`] is the only place that calls llama.cpp unsafely.
 
 pub mod cache;
+pub mod capi;
 pub mod capture;
 pub mod eval;
 pub mod extract;

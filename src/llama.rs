@@ -233,6 +233,44 @@ unsafe extern "C" fn trampoline<H: LayerHook>(t: *mut sys::ggml_tensor, ask: boo
     true
 }
 
+/// A hook owned outside any [`Context`], for applications that create their
+/// llama.cpp context themselves (the C ABI).
+pub struct ForeignHook<H: LayerHook> {
+    cell: Box<HookCell<H>>,
+}
+
+impl<H: LayerHook> ForeignHook<H> {
+    pub fn new(hook: H) -> Self {
+        ForeignHook { cell: Box::new(HookCell { hook, scratch: Vec::new(), force_device_copy: false }) }
+    }
+
+    pub fn hook(&self) -> &H {
+        &self.cell.hook
+    }
+
+    pub fn hook_mut(&mut self) -> &mut H {
+        &mut self.cell.hook
+    }
+
+    /// Points the context parameters' eval callback at this hook.
+    ///
+    /// # Safety
+    /// `params` must be valid; the hook must outlive every context created
+    /// from them, and must not be touched while such a context decodes.
+    pub unsafe fn install(&mut self, params: *mut sys::llama_context_params) {
+        (*params).cb_eval = Some(trampoline::<H>);
+        (*params).cb_eval_user_data = &mut *self.cell as *mut HookCell<H> as *mut c_void;
+    }
+}
+
+/// Width and depth of a model owned by an application (C ABI).
+///
+/// # Safety
+/// `model` must be a valid, loaded `llama_model`.
+pub unsafe fn foreign_model_dims(model: *const sys::llama_model) -> (usize, usize) {
+    (sys::llama_model_n_embd(model) as usize, sys::llama_model_n_layer(model) as usize)
+}
+
 #[derive(Clone, Debug)]
 pub struct ContextParams {
     pub n_ctx: u32,
@@ -399,6 +437,47 @@ impl<H: LayerHook> Drop for Context<'_, H> {
     }
 }
 
+/// Which sequence each token of a batch belongs to, and which request output.
+pub trait BatchLayout {
+    fn len(&self) -> usize;
+    fn seq(&self, i: usize) -> i32;
+    /// Whether token `i` requested output (logits, and a row in the last layer).
+    fn is_output(&self, i: usize) -> bool;
+}
+
+/// A `llama_batch` owned by an application (C ABI).
+pub struct ForeignBatch<'a>(&'a sys::llama_batch);
+
+impl<'a> ForeignBatch<'a> {
+    /// # Safety
+    /// `batch` must be a valid `llama_batch` whose arrays hold `n_tokens` entries.
+    pub unsafe fn new(batch: &'a sys::llama_batch) -> Self {
+        ForeignBatch(batch)
+    }
+}
+
+impl BatchLayout for ForeignBatch<'_> {
+    fn len(&self) -> usize {
+        self.0.n_tokens.max(0) as usize
+    }
+
+    fn seq(&self, i: usize) -> i32 {
+        // llama.cpp's rule: no seq_id array means sequence 0.
+        if self.0.seq_id.is_null() || self.0.n_seq_id.is_null() {
+            return 0;
+        }
+        unsafe { if *self.0.n_seq_id.add(i) > 0 { **self.0.seq_id.add(i) } else { 0 } }
+    }
+
+    fn is_output(&self, i: usize) -> bool {
+        // llama.cpp's rule: no logits array means only the last token outputs.
+        if self.0.logits.is_null() {
+            return i + 1 == self.len();
+        }
+        unsafe { *self.0.logits.add(i) != 0 }
+    }
+}
+
 /// Tokens for one `llama_decode`, one sequence id per token.
 pub struct Batch {
     raw: sys::llama_batch,
@@ -409,10 +488,6 @@ impl Batch {
     pub fn new(capacity: usize) -> Batch {
         let raw = unsafe { sys::llama_batch_init(capacity as i32, 0, 1) };
         Batch { raw, capacity }
-    }
-
-    pub fn len(&self) -> usize {
-        self.raw.n_tokens as usize
     }
 
     pub fn is_empty(&self) -> bool {
@@ -427,19 +502,6 @@ impl Batch {
         self.raw.n_tokens = 0;
     }
 
-    /// Sequence id of token `i`.
-    pub fn seq(&self, i: usize) -> i32 {
-        assert!(i < self.len());
-        // SAFETY: within n_tokens, each with one seq id.
-        unsafe { **self.raw.seq_id.add(i) }
-    }
-
-    /// Whether token `i` requested output (logits, and a row in the last layer).
-    pub fn is_output(&self, i: usize) -> bool {
-        assert!(i < self.len());
-        unsafe { *self.raw.logits.add(i) != 0 }
-    }
-
     pub fn add(&mut self, token: i32, pos: i32, seq: i32, output: bool) {
         let i = self.raw.n_tokens as usize;
         assert!(i < self.capacity, "batch capacity {} exceeded", self.capacity);
@@ -452,6 +514,23 @@ impl Batch {
             *self.raw.logits.add(i) = output as i8;
         }
         self.raw.n_tokens += 1;
+    }
+}
+
+impl BatchLayout for Batch {
+    fn len(&self) -> usize {
+        self.raw.n_tokens as usize
+    }
+
+    fn seq(&self, i: usize) -> i32 {
+        assert!(i < self.len());
+        // SAFETY: within n_tokens, each with one seq id.
+        unsafe { **self.raw.seq_id.add(i) }
+    }
+
+    fn is_output(&self, i: usize) -> bool {
+        assert!(i < self.len());
+        unsafe { *self.raw.logits.add(i) != 0 }
     }
 }
 

@@ -121,13 +121,19 @@ impl Template {
 
     /// The text the model sees for one user turn, with the generation prompt.
     pub fn apply(&self, model: &Model, instruction: &str) -> Result<String> {
+        self.apply_chat(model, &[("user", instruction)])
+    }
+
+    /// The text for a conversation of (role, content) turns (after the system
+    /// prompt, if any), ending with the generation prompt.
+    pub fn apply_chat(&self, model: &Model, conversation: &[(&str, &str)]) -> Result<String> {
         let mut turns = Vec::new();
         if let Some(system) = &self.system_prompt {
             turns.push(("system", system.as_str()));
         }
-        turns.push(("user", instruction));
+        turns.extend_from_slice(conversation);
         match &self.kind {
-            TemplateKind::Raw => Ok(instruction.to_string()),
+            TemplateKind::Raw => Ok(turns.iter().map(|(_, c)| *c).collect::<Vec<_>>().join("\n")),
             TemplateKind::Jinja(env) => {
                 let messages: Vec<_> = turns.iter().map(|&(role, content)| minijinja::context! { role, content }).collect();
                 let text = env.get_template("chat")?.render(minijinja::context! {

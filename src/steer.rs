@@ -6,11 +6,11 @@
 //! every steered layer `l`. Rows of other requests are never touched, so
 //! requests sharing a batch are steered independently.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 
 use crate::capture::{BatchAware, LastToken};
 use crate::gate::Gate;
-use crate::llama::{Batch, LayerHook, LayerOutput};
+use crate::llama::{BatchLayout, LayerHook, LayerOutput};
 use crate::vectors::VectorFile;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +21,28 @@ pub enum Mode {
     Gated,
     /// Shift every request, as llama.cpp's control vectors do.
     Always,
+}
+
+/// Parses a layer list: `10-16`, `3,5,7` or `3,10-12`.
+pub fn parse_layers(spec: &str) -> Result<Vec<usize>> {
+    let mut layers = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("bad layer list {spec:?}: use a-b, a,b,c or a mix");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.trim().parse().with_context(bad)?, b.trim().parse().with_context(bad)?);
+                if a > b {
+                    bail!("bad layer range {part:?}: start after end");
+                }
+                layers.extend(a..=b);
+            }
+            None => layers.push(part.parse().with_context(bad)?),
+        }
+    }
+    if layers.is_empty() {
+        bail!("empty layer list {spec:?}");
+    }
+    Ok(layers)
 }
 
 /// The safety steering vectors, scaled: `alpha * theta_l` for each `l` in `L_G`.
@@ -144,11 +166,18 @@ impl SteerHook {
     /// A new request starts on `seq`: its next output token is its last prompt
     /// token, which the gate reads.
     pub fn begin_request(&mut self, seq: usize) {
-        self.requests[seq] = Request { awaiting_gate: self.mode == Mode::Gated, decision: None };
+        *self.request_mut(seq) = Request { awaiting_gate: self.mode == Mode::Gated, decision: None };
     }
 
     pub fn decision(&self, seq: usize) -> Option<GateDecision> {
-        self.requests[seq].decision
+        self.requests.get(seq).and_then(|r| r.decision)
+    }
+
+    fn request_mut(&mut self, seq: usize) -> &mut Request {
+        if seq >= self.requests.len() {
+            self.requests.resize(seq + 1, Request::default());
+        }
+        &mut self.requests[seq]
     }
 
     /// Whether rows of `seq` are shifted from now on.
@@ -156,7 +185,7 @@ impl SteerHook {
         match self.mode {
             Mode::Plain => false,
             Mode::Always => true,
-            Mode::Gated => self.requests[seq].decision.is_some_and(|d| d.harmful),
+            Mode::Gated => self.decision(seq).is_some_and(|d| d.harmful),
         }
     }
 
@@ -191,7 +220,7 @@ impl SteerHook {
             }
         });
         for (seq, decision) in decided {
-            self.requests[seq] = Request { awaiting_gate: false, decision: Some(decision) };
+            *self.request_mut(seq) = Request { awaiting_gate: false, decision: Some(decision) };
         }
         self.gate_rows.clear();
     }
@@ -232,7 +261,7 @@ impl LayerHook for SteerHook {
 }
 
 impl BatchAware for SteerHook {
-    fn plan(&mut self, batch: &Batch, _: &[LastToken]) {
+    fn plan(&mut self, batch: &dyn BatchLayout, _: &[LastToken]) {
         self.n_tokens = batch.len();
         self.row_seq.clear();
         self.output_seq.clear();
@@ -241,7 +270,7 @@ impl BatchAware for SteerHook {
             let seq = batch.seq(row) as usize;
             self.row_seq.push(seq);
             if batch.is_output(row) {
-                if self.requests[seq].awaiting_gate {
+                if self.requests.get(seq).is_some_and(|r| r.awaiting_gate) {
                     self.gate_rows.push((row, self.output_seq.len(), seq));
                 }
                 self.output_seq.push(seq);

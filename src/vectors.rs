@@ -114,25 +114,23 @@ impl VectorFile {
     /// Fails unless the vectors fit `model` (same width, layers that exist, and
     /// the same depth when the file records it).
     pub fn check_fits(&self, model: &Model, path: &Path) -> Result<()> {
-        let what = || format!("vector file {} does not fit model {}", path.display(), model.path.display());
-        if self.n_embd != model.n_embd() {
-            return Err(anyhow::anyhow!("n_embd is {} in the vectors but {} in the model", self.n_embd, model.n_embd()))
-                .with_context(what);
+        self.check_dims(model.n_embd(), model.n_layer())
+            .with_context(|| format!("vector file {} does not fit model {}", path.display(), model.path.display()))
+    }
+
+    /// As [`check_fits`](Self::check_fits), for a model of `n_embd` and `n_layer`.
+    pub fn check_dims(&self, n_embd: usize, n_layer: usize) -> Result<()> {
+        if self.n_embd != n_embd {
+            bail!("n_embd is {} in the vectors but {n_embd} in the model", self.n_embd);
         }
         if let Some(&top) = self.directions.keys().last() {
-            if top >= model.n_layer() {
-                return Err(anyhow::anyhow!("the vectors reach layer {top} but the model has {} layers", model.n_layer()))
-                    .with_context(what);
+            if top >= n_layer {
+                bail!("the vectors reach layer {top} but the model has {n_layer} layers");
             }
         }
         if let Some(cal) = &self.calibration {
-            if cal.model.n_layer != model.n_layer() {
-                return Err(anyhow::anyhow!(
-                    "the vectors were made for a {}-layer model, this one has {} layers",
-                    cal.model.n_layer,
-                    model.n_layer()
-                ))
-                .with_context(what);
+            if cal.model.n_layer != n_layer {
+                bail!("the vectors were made for a {}-layer model, this one has {n_layer} layers", cal.model.n_layer);
             }
         }
         Ok(())

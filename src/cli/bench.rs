@@ -10,15 +10,43 @@ use serde::Serialize;
 
 use inferalign::capture::{capture, decode_prompts, CaptureHook, DecodeStats};
 use inferalign::extract::steerable_layers;
+use inferalign::generate::{self, RunStats, Sampling};
 use inferalign::llama::{Context, NoHook};
+use inferalign::steer::{Mode, SteerHook};
 use inferalign::prompts::{prepare, read_prompts};
 
+use super::steer_args::SteerArgs;
 use super::ModelArgs;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Extraction (capture of every layer, shared prefix decoded once) vs plain batched prefill
     Extract(ExtractBench),
+    /// Generation with the hook (gate closed, gate open) vs without, prefill and decode separately
+    Generate(GenerateBench),
+}
+
+#[derive(Args)]
+pub struct GenerateBench {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    steer: SteerArgs,
+    /// Prompt file
+    #[arg(long)]
+    prompts: PathBuf,
+    /// Number of prompts
+    #[arg(short = 'n', long, default_value_t = 8)]
+    count: usize,
+    /// Tokens generated per prompt (generation does not stop early)
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Runs per mode (the median is reported)
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Print one JSON object
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -42,11 +70,12 @@ pub struct ExtractBench {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Extract(args) => extract_bench(args),
+        BenchCommand::Generate(args) => generate_bench(args),
     }
 }
 
 #[derive(Serialize)]
-struct Mode {
+struct DecodeMode {
     name: &'static str,
     tokens: usize,
     median_seconds: f64,
@@ -59,8 +88,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn mode(name: &'static str, runs: &[DecodeStats]) -> Mode {
-    Mode {
+fn mode(name: &'static str, runs: &[DecodeStats]) -> DecodeMode {
+    DecodeMode {
         name,
         tokens: runs[0].tokens,
         median_seconds: median(runs.iter().map(|r| r.seconds).collect()),
@@ -126,6 +155,90 @@ fn extract_bench(args: ExtractBench) -> Result<()> {
             m.median_tokens_per_second,
             m.median_tokens_per_second / base.median_tokens_per_second,
             m.median_seconds / base.median_seconds
+        );
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct GenMode {
+    name: &'static str,
+    median_prefill_tokens_per_second: f64,
+    median_decode_tokens_per_second: f64,
+    prefill_ratio: f64,
+    decode_ratio: f64,
+}
+
+fn generate_bench(args: GenerateBench) -> Result<()> {
+    anyhow::ensure!(args.runs > 0 && args.count > 0, "--runs and --count must be at least 1");
+    let prompts: Vec<String> = read_prompts(&args.prompts)?.into_iter().take(args.count).collect();
+    let model = args.model.load()?;
+    let resolved = args.steer.resolve(&model, Mode::Gated)?;
+    let template = args.model.template(&model, resolved.recorded_template())?;
+    let tokens = prepare(&model, &template, &prompts, args.model.ctx_size as usize)?;
+    let params = args.model.context_params();
+    // Rates are per token, so modes whose answers differ in length stay comparable.
+    let sampling = Sampling { max_tokens: args.max_tokens, ..Sampling::default() };
+    // Bias far below/above every score: the gate stays closed/opens for every prompt.
+    let forced = |bias: f32| -> Result<SteerHook> {
+        let mut gate = resolved.gate.clone();
+        gate.bias = bias;
+        SteerHook::new(Mode::Gated, Some(gate), resolved.steering.clone(), 1)
+    };
+    let modes: [(&'static str, SteerHook, bool); 3] = [
+        ("plain (no callback)", resolved.hook_for(Mode::Plain, 1)?, false),
+        ("hook, gate closed", forced(-1e9)?, true),
+        ("hook, gate open (steering)", forced(1e9)?, true),
+    ];
+    let mut contexts = Vec::new();
+    for (name, hook, callback) in modes {
+        contexts.push((name, Context::new(&model, &params, hook, callback)?));
+    }
+    let mut runs: Vec<Vec<RunStats>> = vec![Vec::new(); contexts.len()];
+    for run in 0..args.runs {
+        eprintln!("run {}/{}", run + 1, args.runs);
+        for (i, (_, ctx)) in contexts.iter_mut().enumerate() {
+            runs[i].push(generate::run(&model, ctx, &tokens, &sampling, 1, |_| {})?);
+        }
+    }
+    let rate = |s: &RunStats, prefill: bool| {
+        if prefill { s.prompt_tokens as f64 / s.prefill_seconds.max(1e-9) } else { s.generated_tokens as f64 / s.decode_seconds.max(1e-9) }
+    };
+    let medians: Vec<(f64, f64)> = runs
+        .iter()
+        .map(|r| (median(r.iter().map(|s| rate(s, true)).collect()), median(r.iter().map(|s| rate(s, false)).collect())))
+        .collect();
+    let results: Vec<GenMode> = contexts
+        .iter()
+        .zip(&medians)
+        .map(|((name, _), &(p, d))| GenMode {
+            name,
+            median_prefill_tokens_per_second: p,
+            median_decode_tokens_per_second: d,
+            prefill_ratio: p / medians[0].0,
+            decode_ratio: d / medians[0].1,
+        })
+        .collect();
+    if args.json {
+        let report = serde_json::json!({
+            "model": model.path.display().to_string(),
+            "prompts": prompts.len(),
+            "max_tokens": args.max_tokens,
+            "threads": params.n_threads,
+            "runs": args.runs,
+            "gate_layer": resolved.gate.layer,
+            "steer_layers": resolved.steering.layers,
+            "modes": results,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("{} prompts, {} threads, medians of {} runs", prompts.len(), params.n_threads, args.runs);
+    println!("{:<28} {:>12} {:>9} {:>12} {:>9}", "mode", "prefill t/s", "ratio", "decode t/s", "ratio");
+    for m in &results {
+        println!(
+            "{:<28} {:>12.1} {:>9.3} {:>12.1} {:>9.3}",
+            m.name, m.median_prefill_tokens_per_second, m.prefill_ratio, m.median_decode_tokens_per_second, m.decode_ratio
         );
     }
     Ok(())

@@ -45,8 +45,9 @@ pub struct EvalArgs {
     /// Modes to compare
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ModeArg::Plain, ModeArg::Always, ModeArg::Gated])]
     modes: Vec<ModeArg>,
-    /// Requests decoded together
-    #[arg(long, default_value_t = 8)]
+    /// Requests decoded together; 1 keeps closed-gate answers token-identical to plain
+    /// (llama.cpp's CPU kernels round differently with the batch's make-up)
+    #[arg(long, default_value_t = 1)]
     parallel: usize,
     #[command(flatten)]
     sampling: SamplingArgs,

@@ -1,6 +1,7 @@
 //! Subcommands and the options they share.
 
 mod bench;
+mod chat;
 mod classify;
 mod eval;
 mod extract;
@@ -36,6 +37,8 @@ enum Command {
     Classify(classify::ClassifyArgs),
     /// Answer prompts with the gate and the safety shift inside llama.cpp's graph
     Generate(generate::GenerateArgs),
+    /// Interactive chat with the gate and the shift; each user turn is gated on its own
+    Chat(chat::ChatArgs),
     /// Evaluate plain, always-on and gated modes: attack success, jailbreaks, harmless refusals, utility
     Eval(eval::EvalArgs),
     /// Sweep steering strength and layers in gated mode; pick and optionally store the best point
@@ -53,6 +56,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Classify(args) => classify::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Chat(args) => chat::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Sweep(args) => sweep::run(args),
         Command::JudgeCheck(args) => judge_check::run(args),

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 
 use inferalign::gate::Gate;
 use inferalign::llama::Model;
-use inferalign::steer::{Mode, SteerHook, Steering};
+use inferalign::steer::{parse_layers, Mode, SteerHook, Steering};
 use inferalign::vectors::VectorFile;
 
 /// Strength and layers used when neither the command line nor the vector file says.
@@ -55,28 +55,6 @@ pub struct SteerArgs {
     /// Gate bias (default: the gate file's calibrated bias); larger is more cautious
     #[arg(long, allow_hyphen_values = true)]
     pub bias: Option<f32>,
-}
-
-/// Parses `10-16`, `3,5,7` or `3,10-12`.
-pub fn parse_layers(spec: &str) -> Result<Vec<usize>> {
-    let mut layers = Vec::new();
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || format!("bad layer list {spec:?}: use a-b, a,b,c or a mix");
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b): (usize, usize) = (a.trim().parse().with_context(bad)?, b.trim().parse().with_context(bad)?);
-                if a > b {
-                    bail!("bad layer range {part:?}: start after end");
-                }
-                layers.extend(a..=b);
-            }
-            None => layers.push(part.parse().with_context(bad)?),
-        }
-    }
-    if layers.is_empty() {
-        bail!("empty layer list {spec:?}");
-    }
-    Ok(layers)
 }
 
 /// The resolved vectors for a target model.

@@ -1,0 +1,71 @@
+/* inferalign: InferAligner's gate and safety shift inside llama.cpp's graph.
+ *
+ * Link your application against libinferalign.a (it carries llama.cpp) and:
+ *   1. load a model as usual;
+ *   2. g = inferalign_guard_new(model, "srv.gguf", NULL, NAN, NULL, INFERALIGN_GATED, n_seq, err, sizeof err);
+ *   3. inferalign_guard_install(g, &ctx_params) before llama_init_from_model;
+ *   4. per request: inferalign_guard_begin_request(g, seq) before its prompt is decoded;
+ *   5. before every llama_decode: inferalign_guard_before_decode(g, &batch);
+ *   6. after the prompt's decode: inferalign_guard_decision(g, seq, &score);
+ *   7. inferalign_guard_free(g) after llama_free(ctx).
+ * The guard must outlive every context it is installed in. Not thread-safe:
+ * call it from the thread that calls llama_decode.
+ */
+#ifndef INFERALIGN_H
+#define INFERALIGN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct InferalignGuard inferalign_guard;
+
+enum inferalign_mode {
+    INFERALIGN_PLAIN  = 0, /* never shift */
+    INFERALIGN_GATED  = 1, /* shift requests the gate flags (InferAligner) */
+    INFERALIGN_ALWAYS = 2, /* shift every request, like llama.cpp control vectors */
+};
+
+/* Creates a guard for `model` from an SRV file made by `inferalign extract`
+ * (gate_path) and optional steering vectors of an aligned model with the same
+ * width and depth (steer_path, NULL = self-guidance). alpha = NAN and
+ * layers = NULL take the defaults stored in the vector file; layers is a list
+ * like "12-14" or "10,12,14". n_seq bounds the sequence ids in use.
+ * Returns NULL on error with a message in err (if err_len > 0). */
+inferalign_guard * inferalign_guard_new(const struct llama_model * model,
+                                        const char * gate_path,
+                                        const char * steer_path,
+                                        float alpha,
+                                        const char * layers,
+                                        int mode,
+                                        int n_seq,
+                                        char * err,
+                                        size_t err_len);
+
+/* Sets params->cb_eval and params->cb_eval_user_data. */
+void inferalign_guard_install(inferalign_guard * guard, struct llama_context_params * params);
+
+/* A new request starts on `seq`: the next output token of `seq` is its last
+ * prompt token, which the gate reads. Clears the previous decision. */
+void inferalign_guard_begin_request(inferalign_guard * guard, int32_t seq);
+
+/* Tells the guard which sequence each token of the next batch belongs to.
+ * Call right before every llama_decode. */
+void inferalign_guard_before_decode(inferalign_guard * guard, const struct llama_batch * batch);
+
+/* 1 if the gate flagged the request on `seq` as harmful, 0 if not, -1 if not
+ * decided yet; the score (a . s_hat + b) goes to *score when not NULL. */
+int inferalign_guard_decision(const inferalign_guard * guard, int32_t seq, float * score);
+
+void inferalign_guard_free(inferalign_guard * guard);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* INFERALIGN_H */

@@ -1,0 +1,76 @@
+//! `inferalign chat`: interactive multi-turn chat; each user turn is gated on
+//! its own last token, and the answer streams as it is generated.
+
+use std::io::{BufRead, Write};
+
+use anyhow::Result;
+use clap::Args;
+
+use inferalign::generate::{self, Event};
+use inferalign::llama::Context;
+use inferalign::prompts::tokenize;
+use inferalign::steer::Mode;
+
+use super::generate::SamplingArgs;
+use super::steer_args::{ModeArg, SteerArgs};
+use super::ModelArgs;
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    steer: SteerArgs,
+    /// plain: no hook; gated: InferAligner; always: shift every turn
+    #[arg(long, value_enum, default_value_t = ModeArg::Gated)]
+    mode: ModeArg,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+pub fn run(args: ChatArgs) -> Result<()> {
+    let model = args.model.load()?;
+    let resolved = args.steer.resolve(&model, args.mode.into())?;
+    eprintln!("{}", resolved.describe());
+    let template = args.model.template(&model, resolved.recorded_template())?;
+    let mut ctx = Context::new(&model, &args.model.context_params(), resolved.hook(1)?, resolved.mode != Mode::Plain)?;
+    let sampling = args.sampling.sampling();
+    eprintln!("type a message and press Enter; an empty line or Ctrl-D ends the chat");
+
+    let mut history: Vec<(String, String)> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    loop {
+        print!("\n> ");
+        stdout.flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        history.push(("user".into(), line.trim().to_string()));
+        let turns: Vec<(&str, &str)> = history.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+        let tokens = tokenize(&model, &template.apply_chat(&model, &turns)?)?;
+        // The whole conversation is decoded again each turn, so a turn the gate
+        // lets through is exactly what the plain model would see.
+        let mut answer = None;
+        let result = generate::run(&model, &mut ctx, std::slice::from_ref(&tokens), &sampling, 1, |event| match event {
+            Event::Text { text, .. } => {
+                print!("{text}");
+                let _ = std::io::stdout().flush();
+            }
+            Event::Done { generation, .. } => answer = Some(generation),
+        });
+        if let Err(e) = result {
+            eprintln!("\nerror: {e:#}");
+            history.pop();
+            continue;
+        }
+        let answer = answer.expect("the request finishes");
+        if let Some(gate) = answer.gate {
+            let verdict = if gate.harmful { "fired: answer steered" } else { "closed" };
+            eprintln!("\n[gate {verdict} (score {:.3})]", gate.score);
+        }
+        history.push(("assistant".into(), answer.output));
+    }
+    Ok(())
+}
