@@ -20,5 +20,6 @@ pub mod judge;
 pub mod llama;
 pub mod plot;
 pub mod prompts;
+pub mod shipped;
 pub mod steer;
 pub mod vectors;

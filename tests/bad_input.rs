@@ -27,7 +27,10 @@ fn raw_vectors(path: &Path, tensors: &[(&str, Vec<f32>)]) -> PathBuf {
 
 /// `classify` on Qwen with a vector file and explicit gate settings.
 fn classify(dir: &Path, vectors: &Path, extra: &[&str], needle: &str) {
-    let prompts = common::write_lines(dir, "p.txt", &["Hello there".into()]);
+    classify_prompts(&common::write_lines(dir, "p.txt", &["Hello there".into()]), vectors, extra, needle);
+}
+
+fn classify_prompts(prompts: &Path, vectors: &Path, extra: &[&str], needle: &str) {
     let model = common::model(common::QWEN);
     let mut args = vec![
         "classify",
@@ -104,7 +107,6 @@ fn an_unknown_layer_is_rejected() {
 fn empty_and_malformed_prompt_files_are_rejected() {
     let dir = common::tempdir();
     let v = plain_vectors(&dir.path().join("v.gguf"), 896, 1..24);
-    let model = common::model(common::QWEN);
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "\n  \n").unwrap();
     let malformed = dir.path().join("bad.jsonl");
@@ -119,22 +121,7 @@ fn empty_and_malformed_prompt_files_are_rejected() {
         (&no_field, "no string field among prompt, goal, text, instruction"),
         (&no_column, "no column named goal or prompt"),
     ] {
-        common::cli_err(
-            &[
-                "classify",
-                "--model",
-                model.to_str().unwrap(),
-                "--gate",
-                v.to_str().unwrap(),
-                "--prompts",
-                file.to_str().unwrap(),
-                "--layer",
-                "5",
-                "--bias",
-                "0",
-            ],
-            needle,
-        );
+        classify_prompts(file, &v, &GATE, needle);
     }
 }
 
@@ -143,25 +130,7 @@ fn a_prompt_longer_than_the_context_is_named() {
     let dir = common::tempdir();
     let v = plain_vectors(&dir.path().join("v.gguf"), 896, 1..24);
     let prompts = common::write_lines(dir.path(), "long.txt", &["short one".into(), "word ".repeat(200)]);
-    let model = common::model(common::QWEN);
-    common::cli_err(
-        &[
-            "classify",
-            "--model",
-            model.to_str().unwrap(),
-            "--gate",
-            v.to_str().unwrap(),
-            "--prompts",
-            prompts.to_str().unwrap(),
-            "--layer",
-            "5",
-            "--bias",
-            "0",
-            "--ctx-size",
-            "128",
-        ],
-        "prompt 2 (\"word word",
-    );
+    classify_prompts(&prompts, &v, &["--layer", "5", "--bias", "0", "--ctx-size", "128"], "prompt 2 (\"word word");
 }
 
 #[test]

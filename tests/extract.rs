@@ -9,6 +9,8 @@ use inferalign::llama::GgufFile;
 use inferalign::vectors::VectorFile;
 use serde_json::Value;
 
+/// Also the regeneration test of the shipped Qwen vectors: `extract` with the
+/// defaults on the set-up data is the recipe in gguf-vectors/manifest.json.
 #[test]
 fn qwen_gate_flags_held_out_advbench_and_spares_harmless() {
     let dir = common::tempdir();
@@ -49,6 +51,22 @@ fn qwen_gate_flags_held_out_advbench_and_spares_harmless() {
     for v in file.directions.values() {
         let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "directions are unit vectors, got {norm}");
+    }
+
+    // The shipped file came from this same recipe.
+    let shipped_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("gguf-vectors/qwen2.5-coder-0.5b-instruct-q4_k_m.srv.gguf");
+    let shipped = VectorFile::read(&shipped_path).unwrap();
+    let (new_cal, old_cal) = (file.calibration.as_ref().unwrap(), shipped.calibration.as_ref().unwrap());
+    assert_eq!(new_cal.gate_layer, old_cal.gate_layer);
+    assert_eq!(new_cal.data, old_cal.data);
+    assert_eq!(new_cal.model, old_cal.model);
+    for (layer, v) in &file.directions {
+        let w = &shipped.directions[layer];
+        let cos: f32 = v.iter().zip(w).map(|(a, b)| a * b).sum();
+        assert!(cos > 0.9999, "layer {layer}: cosine {cos} with the shipped direction");
+    }
+    for (a, b) in new_cal.layers.iter().zip(&old_cal.layers) {
+        assert!((a.bias - b.bias).abs() <= 1e-3 * (1.0 + b.bias.abs()), "layer {}: bias {} vs shipped {}", a.layer, a.bias, b.bias);
     }
 
     // classify: one JSON object per prompt, decisions matching the gate.

@@ -11,24 +11,15 @@ use inferalign::llama::Context;
 use inferalign::prompts::tokenize;
 use inferalign::steer::Mode;
 
-use super::generate::SamplingArgs;
-use super::steer_args::{ModeArg, SteerArgs};
-use super::ModelArgs;
+use super::generate::SessionArgs;
 
 #[derive(Args)]
 pub struct ChatArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    steer: SteerArgs,
-    /// plain: no hook; gated: InferAligner; always: shift every turn
-    #[arg(long, value_enum, default_value_t = ModeArg::Gated)]
-    mode: ModeArg,
-    #[command(flatten)]
-    sampling: SamplingArgs,
+    session: SessionArgs,
 }
 
-pub fn run(args: ChatArgs) -> Result<()> {
+pub fn run(ChatArgs { session: args }: ChatArgs) -> Result<()> {
     let model = args.model.load()?;
     let resolved = args.steer.resolve(&model, args.mode.into())?;
     eprintln!("{}", resolved.describe());

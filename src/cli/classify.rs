@@ -17,9 +17,9 @@ use super::{progress, ModelArgs};
 pub struct ClassifyArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Vector file with a calibrated gate (from `inferalign extract`)
+    /// Vector file with a calibrated gate (from `inferalign extract`); default: the shipped file for this model
     #[arg(long)]
-    gate: PathBuf,
+    gate: Option<PathBuf>,
     /// Prompts to classify (text, JSONL or CSV)
     #[arg(long)]
     prompts: PathBuf,
@@ -36,10 +36,14 @@ pub struct ClassifyArgs {
 
 pub fn run(args: ClassifyArgs) -> Result<()> {
     let prompts = read_prompts(&args.prompts)?;
-    let vectors = VectorFile::read(&args.gate)?;
-    let gate = Gate::from_file(&vectors, args.layer, args.bias)?;
     let model = args.model.load()?;
-    vectors.check_fits(&model, &args.gate)?;
+    let gate_path = match &args.gate {
+        Some(path) => path.clone(),
+        None => inferalign::shipped::vectors_for(&model)?,
+    };
+    let vectors = VectorFile::read(&gate_path)?;
+    let gate = Gate::from_file(&vectors, args.layer, args.bias)?;
+    vectors.check_fits(&model, &gate_path)?;
     let recorded = vectors.calibration.as_ref().map(|c| c.data.template.as_str());
     let template = args.model.template(&model, recorded)?;
     let tokens = prepare(&model, &template, &prompts, args.model.ctx_size as usize)?;

@@ -14,23 +14,30 @@ use inferalign::steer::Mode;
 use super::steer_args::{ModeArg, SteerArgs};
 use super::ModelArgs;
 
+/// What `generate` and `chat` share: the model, the vectors, the mode and sampling.
+#[derive(Args)]
+pub struct SessionArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub steer: SteerArgs,
+    /// plain: no hook; gated: InferAligner; always: shift every request
+    #[arg(long, value_enum, default_value_t = ModeArg::Gated)]
+    pub mode: ModeArg,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
 #[derive(Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    steer: SteerArgs,
-    /// plain: no hook; gated: InferAligner; always: shift every request
-    #[arg(long, value_enum, default_value_t = ModeArg::Gated)]
-    mode: ModeArg,
+    session: SessionArgs,
     /// One prompt
     #[arg(short, long, conflicts_with = "prompts", required_unless_present = "prompts")]
     prompt: Option<String>,
     /// A file of prompts (text, JSONL or CSV)
     #[arg(long)]
     prompts: Option<PathBuf>,
-    #[command(flatten)]
-    sampling: SamplingArgs,
     /// One JSON object per prompt on stdout
     #[arg(long)]
     json: bool,
@@ -64,15 +71,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, Some(path)) => read_prompts(path)?,
         (None, None) => unreachable!("clap requires one"),
     };
-    let model = args.model.load()?;
-    let resolved = args.steer.resolve(&model, args.mode.into())?;
+    let session = &args.session;
+    let model = session.model.load()?;
+    let resolved = session.steer.resolve(&model, session.mode.into())?;
     eprintln!("{}", resolved.describe());
-    let template = args.model.template(&model, resolved.recorded_template())?;
-    let tokens = prepare(&model, &template, &prompts, args.model.ctx_size as usize)?;
-    let params = args.model.context_params();
+    let template = session.model.template(&model, resolved.recorded_template())?;
+    let tokens = prepare(&model, &template, &prompts, session.model.ctx_size as usize)?;
+    let params = session.model.context_params();
     let with_callback = resolved.mode != Mode::Plain;
     let mut ctx = Context::new(&model, &params, resolved.hook(1)?, with_callback)?;
-    let sampling = args.sampling.sampling();
+    let sampling = session.sampling.sampling();
 
     for (prompt, tokens) in prompts.iter().zip(&tokens) {
         if !args.json {

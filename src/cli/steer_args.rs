@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use clap::{Args, ValueEnum};
 
 use inferalign::gate::Gate;
@@ -37,7 +37,7 @@ impl From<ModeArg> for Mode {
 
 #[derive(Args, Clone, Debug)]
 pub struct SteerArgs {
-    /// Gate vectors: the target model's own SRV file (from `extract`)
+    /// Gate vectors: the target model's own SRV file (from `extract`); default: the shipped file for this model
     #[arg(long)]
     pub gate: Option<PathBuf>,
     /// Steering vectors (SSV), e.g. from an aligned model with the same width and depth; default: the gate file (self-guidance)
@@ -71,7 +71,7 @@ impl SteerArgs {
     pub fn resolve(&self, model: &Model, mode: Mode) -> Result<Resolved> {
         let gate_path = match &self.gate {
             Some(path) => path.clone(),
-            None => bail!("no --gate vector file given; make one with `inferalign extract`"),
+            None => inferalign::shipped::vectors_for(model)?,
         };
         let gate_file = VectorFile::read(&gate_path)?;
         gate_file.check_fits(model, &gate_path)?;
