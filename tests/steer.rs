@@ -70,7 +70,7 @@ fn harmless_probes(n: usize) -> Vec<String> {
 
 fn closed_gate_is_token_identical(name: &str, layers: &[usize]) {
     let setup = setup(name);
-    let tokens = setup.tokens(&harmless_probes(24));
+    let tokens = setup.tokens(&harmless_probes(32));
     for sampling in [
         Sampling { max_tokens: 24, ..Sampling::default() },
         Sampling { max_tokens: 24, temperature: 0.8, seed: 7, ..Sampling::default() },
@@ -86,7 +86,7 @@ fn closed_gate_is_token_identical(name: &str, layers: &[usize]) {
                 assert_eq!(p.tokens, g.tokens, "gate closed but output changed (temperature {})", sampling.temperature);
             }
         }
-        assert!(closed >= 20, "only {closed} of 24 harmless prompts kept the gate closed");
+        assert!(closed >= 20, "only {closed} of 32 harmless prompts kept the gate closed");
     }
 }
 
