@@ -33,16 +33,17 @@ impl Default for Sampling {
 }
 
 impl Sampling {
-    fn sampler(&self) -> LlamaSampler {
+    /// None for greedy decoding, which is a plain argmax over the logits.
+    fn sampler(&self) -> Option<LlamaSampler> {
         if self.temperature <= 0.0 {
-            return LlamaSampler::greedy();
+            return None;
         }
-        LlamaSampler::chain_simple([
+        Some(LlamaSampler::chain_simple([
             LlamaSampler::top_k(self.top_k),
             LlamaSampler::top_p(self.top_p, 1),
             LlamaSampler::temp(self.temperature),
             LlamaSampler::dist(self.seed),
-        ])
+        ]))
     }
 }
 
@@ -71,7 +72,7 @@ struct Slot {
     tokens: Vec<i32>,
     bytes: Vec<u8>,
     emitted: usize,
-    sampler: LlamaSampler,
+    sampler: Option<LlamaSampler>,
     /// Row of this sequence's logits in the last batch.
     logits_row: i32,
     budget: usize,
@@ -209,13 +210,20 @@ fn sample_one(
 ) -> Result<bool> {
     let slot = slots[seq].as_mut().expect("sampling a live slot");
     let logits = ctx.logits(slot.logits_row);
-    let mut candidates = LlamaTokenDataArray::from_iter(
-        logits.iter().enumerate().map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0)),
-        false,
-    );
-    candidates.apply_sampler(&mut slot.sampler);
-    let token = candidates.selected_token().context("the sampler selected no token")?;
-    slot.sampler.accept(token);
+    let token = match &mut slot.sampler {
+        // Greedy: the first highest logit, as llama.cpp's greedy sampler picks.
+        None => LlamaToken(logits.iter().enumerate().fold(0, |best, (i, &l)| if l > logits[best] { i } else { best }) as i32),
+        Some(sampler) => {
+            let mut candidates = LlamaTokenDataArray::from_iter(
+                logits.iter().enumerate().map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0)),
+                false,
+            );
+            candidates.apply_sampler(sampler);
+            let token = candidates.selected_token().context("the sampler selected no token")?;
+            sampler.accept(token);
+            token
+        }
+    };
     let end = vocab.is_eog(token);
     if !end {
         slot.tokens.push(token.0);
