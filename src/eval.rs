@@ -135,6 +135,21 @@ pub fn read_tasks(path: &Path) -> Result<Vec<(String, String)>> {
     Ok(tasks)
 }
 
+/// The first `limit` prompts of a set, numbered.
+pub fn items(set: Set, prompts: &[String], limit: usize) -> Vec<Item> {
+    prompts.iter().take(limit).enumerate().map(|(index, p)| Item { set, index, prompt: p.clone(), answer: None, family: None }).collect()
+}
+
+/// The first `limit` tasks, with the answers they are checked against.
+pub fn task_items(tasks: Vec<(String, String)>, limit: usize) -> Vec<Item> {
+    tasks
+        .into_iter()
+        .take(limit)
+        .enumerate()
+        .map(|(index, (prompt, answer))| Item { set: Set::Tasks, index, prompt, answer: Some(answer), family: None })
+        .collect()
+}
+
 /// Each harmful instruction wrapped in one template, cycling through them.
 pub fn jailbreak_items(instructions: &[String], templates: &[(String, String)], limit: usize) -> Vec<Item> {
     instructions

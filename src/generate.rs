@@ -87,14 +87,14 @@ pub struct RunStats {
     pub decode_seconds: f64,
 }
 
-/// Decodes `tokens` of sequence `seq` from position `start`, in batches of the
-/// batch's capacity, requesting output only for the last token.
-pub fn prefill<H: BatchAware>(ctx: &mut Context<'_, H>, batch: &mut Batch, tokens: &[i32], start: usize, seq: i32) -> Result<()> {
+/// Decodes the prompt `tokens` of sequence `seq` from position 0, in batches of
+/// the batch's capacity, requesting output only for the last token.
+fn prefill<H: BatchAware>(ctx: &mut Context<'_, H>, batch: &mut Batch, tokens: &[i32], seq: i32) -> Result<()> {
     for (chunk_index, chunk) in tokens.chunks(batch.capacity()).enumerate() {
         batch.clear();
-        let offset = start + chunk_index * batch.capacity();
+        let offset = chunk_index * batch.capacity();
         for (i, &token) in chunk.iter().enumerate() {
-            let last = offset + i + 1 == start + tokens.len();
+            let last = offset + i + 1 == tokens.len();
             batch.add(token, (offset + i) as i32, seq, last);
         }
         ctx.hook_mut().plan(&*batch, &[]);
@@ -142,13 +142,13 @@ pub fn run(
             ctx.hook_mut().begin_request(seq);
             let single_pass = ctx.hook().single_pass(prompt.len(), batch.capacity());
             ctx.hook_mut().set_shift_enabled(single_pass);
-            prefill(ctx, &mut batch, prompt, 0, seq as i32)?;
+            prefill(ctx, &mut batch, prompt, seq as i32)?;
             let mut passes = 1;
             ctx.hook_mut().set_shift_enabled(true);
             if !single_pass && ctx.hook().is_steered(seq) {
                 // The gate fired after some steered layers had run: decode again, shifted throughout.
                 ctx.seq_rm(seq as i32, -1, -1);
-                prefill(ctx, &mut batch, prompt, 0, seq as i32)?;
+                prefill(ctx, &mut batch, prompt, seq as i32)?;
                 passes = 2;
             }
             stats.prompt_tokens += prompt.len() * passes;

@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use serde_json::json;
 
-use inferalign::eval::{held_out, jailbreak_items, read_jailbreaks, read_tasks, summarise, Item, Outcome, Set};
+use inferalign::eval::{self, held_out, jailbreak_items, read_jailbreaks, read_tasks, summarise, task_items, Outcome, Set};
 use inferalign::extract::model_identity;
 use inferalign::generate::{self, Event};
 use inferalign::llama::Context;
@@ -73,19 +73,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let harmless_path = args.harmless.clone().unwrap_or_else(|| repo_data("harmless.txt"));
     let (harmful, skipped_harmful) = held_out(&harmful_path, cal.map(|c| (&c.data.harmful, c.data.seed)))?;
     let (harmless, skipped_harmless) = held_out(&harmless_path, cal.map(|c| (&c.data.harmless, c.data.seed)))?;
-    let mut items = Vec::new();
-    let plain_items = |set: Set, prompts: &[String]| -> Vec<Item> {
-        prompts.iter().take(limit).enumerate().map(|(index, p)| Item { set, index, prompt: p.clone(), answer: None, family: None }).collect()
-    };
-    items.extend(plain_items(Set::Harmful, &harmful));
-    items.extend(plain_items(Set::Harmless, &harmless));
+    let mut items = eval::items(Set::Harmful, &harmful, limit);
+    items.extend(eval::items(Set::Harmless, &harmless, limit));
     let jailbreak_path = args.jailbreaks.clone().unwrap_or_else(|| repo_data("jailbreaks.jsonl"));
     let templates = read_jailbreaks(&jailbreak_path)?;
     items.extend(jailbreak_items(&harmful, &templates, limit));
     let tasks_path = args.tasks.clone().unwrap_or_else(|| repo_data("tasks.jsonl"));
-    for (index, (prompt, answer)) in read_tasks(&tasks_path)?.into_iter().take(limit).enumerate() {
-        items.push(Item { set: Set::Tasks, index, prompt, answer: Some(answer), family: None });
-    }
+    items.extend(task_items(read_tasks(&tasks_path)?, limit));
     eprintln!(
         "sets: {} harmful (skipped {skipped_harmful} training prompts), {} harmless (skipped {skipped_harmless}), {} jailbreaks, {} tasks",
         items.iter().filter(|i| i.set == Set::Harmful).count(),

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use serde::Serialize;
 
-use inferalign::eval::{figures, held_out, read_tasks, Item, Outcome, Set, SetFigures};
+use inferalign::eval::{self, figures, held_out, read_tasks, task_items, Item, Outcome, Set, SetFigures};
 use inferalign::generate::{self, Event};
 use inferalign::llama::{Context, Model};
 use inferalign::prompts::{prepare, Template};
@@ -75,11 +75,11 @@ fn evaluate(
     items: &[Item],
     tokens: &[Vec<i32>],
     label: &str,
-) -> Result<(Vec<Outcome>, bool)> {
+) -> Result<Vec<Outcome>> {
     let mut params = args.model.context_params();
     params.n_seq_max = params.n_seq_max.max(args.parallel as u32);
-    let plain = hook.mode() == Mode::Plain;
-    let mut ctx = Context::new(model, &params, hook, !plain)?;
+    let with_callback = hook.mode() != Mode::Plain;
+    let mut ctx = Context::new(model, &params, hook, with_callback)?;
     let bar = progress(items.len() as u64, label);
     let mut outcomes = Vec::new();
     generate::run(model, &mut ctx, tokens, &args.sampling.sampling(), args.parallel, |event| {
@@ -89,7 +89,7 @@ fn evaluate(
         }
     })?;
     bar.finish_and_clear();
-    Ok((outcomes, plain))
+    Ok(outcomes)
 }
 
 fn point(alpha: Option<f32>, layers: Vec<usize>, outcomes: &[Outcome]) -> Point {
@@ -115,19 +115,15 @@ pub fn run(args: SweepArgs) -> Result<()> {
     let (harmful, _) = held_out(&harmful_path, cal.map(|c| (&c.data.harmful, c.data.seed)))?;
     let (harmless, _) = held_out(&harmless_path, cal.map(|c| (&c.data.harmless, c.data.seed)))?;
     let tasks = read_tasks(&args.tasks.clone().unwrap_or_else(|| repo_data("tasks.jsonl")))?;
-    let mut items = Vec::new();
-    for (set, prompts) in [(Set::Harmful, &harmful), (Set::Harmless, &harmless)] {
-        items.extend(prompts.iter().take(args.limit).enumerate().map(|(index, p)| Item { set, index, prompt: p.clone(), answer: None, family: None }));
-    }
-    for (index, (prompt, answer)) in tasks.into_iter().take(args.limit).enumerate() {
-        items.push(Item { set: Set::Tasks, index, prompt, answer: Some(answer), family: None });
-    }
+    let mut items = eval::items(Set::Harmful, &harmful, args.limit);
+    items.extend(eval::items(Set::Harmless, &harmless, args.limit));
+    items.extend(task_items(tasks, args.limit));
     let tokens = prepare(&model, &template, &items.iter().map(|i| i.prompt.clone()).collect::<Vec<_>>(), args.model.ctx_size as usize)?;
     let steer_file = VectorFile::read(&resolved.steer_path)?;
 
     let ranges: Vec<Vec<usize>> = args.ranges.split(';').map(parse_layers).collect::<Result<_>>()?;
     let plain_hook = resolved.hook_for(Mode::Plain, args.parallel)?;
-    let (outcomes, _) = evaluate(&model, &args, plain_hook, &items, &tokens, "plain")?;
+    let outcomes = evaluate(&model, &args, plain_hook, &items, &tokens, "plain")?;
     let plain = point(None, Vec::new(), &outcomes);
     let mut points = Vec::new();
     for layers in &ranges {
@@ -135,7 +131,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
             let steering = Steering::new(&steer_file, alpha, layers, model.n_layer())?;
             let hook = SteerHook::new(Mode::Gated, Some(resolved.gate.clone()), steering, args.parallel)?;
             let label = format!("a={alpha} L={}-{}", layers[0], layers[layers.len() - 1]);
-            let (outcomes, _) = evaluate(&model, &args, hook, &items, &tokens, &label)?;
+            let outcomes = evaluate(&model, &args, hook, &items, &tokens, &label)?;
             let p = point(Some(alpha), layers.clone(), &outcomes);
             eprintln!("{label}: ASR {:.1}%, degenerate {:.1}%", 100.0 * p.harmful.attack_success_rate, 100.0 * p.degenerate_rate);
             points.push(p);
