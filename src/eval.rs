@@ -13,7 +13,7 @@ use crate::prompts::{read_prompts, split};
 use crate::steer::GateDecision;
 use crate::vectors::DataSet;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Set {
     Harmful,

@@ -9,7 +9,6 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
-use llama_cpp_2::vocab::LlamaVocab;
 use serde::Serialize;
 
 use crate::capture::BatchAware;
@@ -56,17 +55,21 @@ pub struct Generation {
     pub prompt_tokens: usize,
     /// Prompt decodes (2 when the gate fired after a steered layer had run).
     pub prefill_passes: usize,
+    /// Stopped by its token budget rather than an end-of-generation token.
+    pub truncated: bool,
 }
 
 /// What the engine reports while it works.
 pub enum Event<'a> {
+    /// A request's prompt is decoded and gated; its tokens follow.
+    Started { request: usize, gate: Option<GateDecision>, steered: bool },
     /// New text of a request (whole UTF-8 characters).
     Text { request: usize, text: &'a str },
     Done { request: usize, generation: Generation },
 }
 
 struct Slot {
-    request: usize,
+    id: usize,
     prompt_len: usize,
     prefill_passes: usize,
     tokens: Vec<i32>,
@@ -103,144 +106,137 @@ fn prefill<H: BatchAware>(ctx: &mut Context<'_, H>, batch: &mut Batch, tokens: &
     Ok(())
 }
 
-/// Runs every prompt to completion, up to `parallel` at a time, reporting
-/// through `on_event`. Requests are numbered by their index in `prompts`.
-pub fn run(
-    model: &Model,
-    ctx: &mut Context<'_, SteerHook>,
-    prompts: &[Vec<i32>],
-    sampling: &Sampling,
-    parallel: usize,
-    mut on_event: impl FnMut(Event),
-) -> Result<RunStats> {
-    let parallel = parallel.clamp(1, ctx.n_seq_max());
-    let room = ctx.n_ctx() / parallel;
-    if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() + 1 > room) {
-        bail!(
-            "prompt {} is {} tokens long and leaves no room to answer in its share of the context ({room} of {} tokens for {parallel} parallel requests)",
-            i + 1,
-            p.len(),
-            ctx.n_ctx()
-        );
-    }
-    let mut stats = RunStats::default();
-    let mut batch = Batch::new(ctx.n_batch().max(parallel));
-    let mut slots: Vec<Option<Slot>> = (0..parallel).map(|_| None).collect();
-    let mut next = 0;
-    ctx.clear_memory();
-    let vocab = model.llama().vocab();
-
-    loop {
-        // Admit new requests into free slots, one prompt decode each.
-        let started = Instant::now();
-        for seq in 0..parallel {
-            if slots[seq].is_some() || next == prompts.len() {
-                continue;
-            }
-            let prompt = &prompts[next];
-            ctx.seq_rm(seq as i32, -1, -1);
-            ctx.hook_mut().begin_request(seq);
-            let single_pass = ctx.hook().single_pass(prompt.len(), batch.capacity());
-            ctx.hook_mut().set_shift_enabled(single_pass);
-            prefill(ctx, &mut batch, prompt, seq as i32)?;
-            let mut passes = 1;
-            ctx.hook_mut().set_shift_enabled(true);
-            if !single_pass && ctx.hook().is_steered(seq) {
-                // The gate fired after some steered layers had run: decode again, shifted throughout.
-                ctx.seq_rm(seq as i32, -1, -1);
-                prefill(ctx, &mut batch, prompt, seq as i32)?;
-                passes = 2;
-            }
-            stats.prompt_tokens += prompt.len() * passes;
-            slots[seq] = Some(Slot {
-                request: next,
-                prompt_len: prompt.len(),
-                prefill_passes: passes,
-                tokens: Vec::new(),
-                bytes: Vec::new(),
-                emitted: 0,
-                sampler: sampling.sampler(),
-                logits_row: (batch.len() - 1) as i32,
-                budget: sampling.max_tokens.min(room - prompt.len()),
-            });
-            next += 1;
-            // Sample its first token now: the next prompt decode overwrites these logits.
-            if sample_one(ctx, &vocab, &mut slots, seq, &mut on_event)? {
-                stats.generated_tokens += 1;
-            }
-        }
-        stats.prefill_seconds += started.elapsed().as_secs_f64();
-
-        if slots.iter().all(Option::is_none) {
-            if next == prompts.len() {
-                return Ok(stats);
-            }
-            continue;
-        }
-
-        // One decode step for every live request.
-        let started = Instant::now();
-        batch.clear();
-        for (seq, slot) in slots.iter_mut().enumerate() {
-            if let Some(slot) = slot {
-                let last = *slot.tokens.last().expect("a live slot has sampled a token");
-                slot.logits_row = batch.len() as i32;
-                batch.add(last, (slot.prompt_len + slot.tokens.len() - 1) as i32, seq as i32, true);
-            }
-        }
-        ctx.hook_mut().plan(&batch, &[]);
-        ctx.decode(&mut batch).context("decode failed")?;
-        for seq in 0..parallel {
-            if slots[seq].is_some() && sample_one(ctx, &vocab, &mut slots, seq, &mut on_event)? {
-                stats.generated_tokens += 1;
-            }
-        }
-        stats.decode_seconds += started.elapsed().as_secs_f64();
-    }
+/// Continuous batching: each request owns one sequence; new requests join
+/// between decode steps, and every live request advances one token per step.
+pub struct Engine<'c, 'm> {
+    model: &'m Model,
+    ctx: &'c mut Context<'m, SteerHook>,
+    batch: Batch,
+    slots: Vec<Option<Slot>>,
+    room: usize,
+    stats: RunStats,
 }
 
-/// Samples the next token of the request in `seq`; finishes it on end of
-/// generation or when its budget is spent. True if a token was added.
-fn sample_one(
-    ctx: &mut Context<'_, SteerHook>,
-    vocab: &LlamaVocab<'_>,
-    slots: &mut [Option<Slot>],
-    seq: usize,
-    on_event: &mut impl FnMut(Event),
-) -> Result<bool> {
-    let slot = slots[seq].as_mut().expect("sampling a live slot");
-    let logits = ctx.logits(slot.logits_row);
-    let token = match &mut slot.sampler {
-        // Greedy: the first highest logit, as llama.cpp's greedy sampler picks.
-        None => LlamaToken(logits.iter().enumerate().fold(0, |best, (i, &l)| if l > logits[best] { i } else { best }) as i32),
-        Some(sampler) => {
-            let mut candidates = LlamaTokenDataArray::from_iter(
-                logits.iter().enumerate().map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0)),
-                false,
-            );
-            candidates.apply_sampler(sampler);
-            let token = candidates.selected_token().context("the sampler selected no token")?;
-            sampler.accept(token);
-            token
-        }
-    };
-    let end = vocab.is_eog(token);
-    if !end {
-        slot.tokens.push(token.0);
-        slot.bytes.extend(vocab.token_to_piece(token, false, None));
-        let valid = match std::str::from_utf8(&slot.bytes[slot.emitted..]) {
-            Ok(s) => s.len(),
-            Err(e) => e.valid_up_to(),
-        };
-        if valid > 0 {
-            let text = std::str::from_utf8(&slot.bytes[slot.emitted..slot.emitted + valid]).expect("checked");
-            on_event(Event::Text { request: slot.request, text });
-            slot.emitted += valid;
-        }
+impl<'c, 'm> Engine<'c, 'm> {
+    /// Up to `parallel` requests at a time, each with an equal share of the context.
+    pub fn new(model: &'m Model, ctx: &'c mut Context<'m, SteerHook>, parallel: usize) -> Engine<'c, 'm> {
+        let parallel = parallel.clamp(1, ctx.n_seq_max());
+        let room = ctx.n_ctx() / parallel;
+        let batch = Batch::new(ctx.n_batch().max(parallel));
+        ctx.clear_memory();
+        Engine { model, ctx, batch, slots: (0..parallel).map(|_| None).collect(), room, stats: RunStats::default() }
     }
-    if end || slot.tokens.len() >= slot.budget {
-        let slot = slots[seq].take().expect("live");
+
+    /// Context tokens each request has for its prompt and answer.
+    pub fn room(&self) -> usize {
+        self.room
+    }
+
+    pub fn stats(&self) -> RunStats {
+        self.stats
+    }
+
+    pub fn has_free_slot(&self) -> bool {
+        self.slots.iter().any(Option::is_none)
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.slots.iter().all(Option::is_none)
+    }
+
+    /// An error unless a prompt of `n_tokens` leaves room for at least one answer token.
+    pub fn check_fits(&self, n_tokens: usize) -> Result<()> {
+        if n_tokens + 1 > self.room {
+            bail!(
+                "the prompt is {n_tokens} tokens long and leaves no room to answer in its share of the context ({} of {} tokens for {} parallel requests)",
+                self.room,
+                self.ctx.n_ctx(),
+                self.slots.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Gates and prefills a new request `id` in the lowest free sequence and
+    /// samples its first token. Needs a free slot.
+    pub fn admit(&mut self, id: usize, prompt: &[i32], sampling: &Sampling, on_event: &mut impl FnMut(Event)) -> Result<()> {
+        self.check_fits(prompt.len())?;
+        let seq = self.slots.iter().position(Option::is_none).context("no free slot")?;
+        let started = Instant::now();
+        let (ctx, batch) = (&mut *self.ctx, &mut self.batch);
+        ctx.seq_rm(seq as i32, -1, -1);
+        ctx.hook_mut().begin_request(seq);
+        let single_pass = ctx.hook().single_pass(prompt.len(), batch.capacity());
+        ctx.hook_mut().set_shift_enabled(single_pass);
+        let first = prefill(ctx, batch, prompt, seq as i32);
+        ctx.hook_mut().set_shift_enabled(true);
+        first?;
+        let mut passes = 1;
+        if !single_pass && ctx.hook().is_steered(seq) {
+            // The gate fired after some steered layers had run: decode again, shifted throughout.
+            ctx.seq_rm(seq as i32, -1, -1);
+            prefill(ctx, batch, prompt, seq as i32)?;
+            passes = 2;
+        }
+        self.stats.prompt_tokens += prompt.len() * passes;
         let hook = ctx.hook();
+        on_event(Event::Started { request: id, gate: hook.decision(seq), steered: hook.is_steered(seq) });
+        self.slots[seq] = Some(Slot {
+            id,
+            prompt_len: prompt.len(),
+            prefill_passes: passes,
+            tokens: Vec::new(),
+            bytes: Vec::new(),
+            emitted: 0,
+            sampler: sampling.sampler(),
+            logits_row: (batch.len() - 1) as i32,
+            budget: sampling.max_tokens.min(self.room - prompt.len()),
+        });
+        // Sample its first token now: the next prompt decode overwrites these logits.
+        let sampled = self.sample(seq, on_event)?;
+        self.stats.generated_tokens += sampled as usize;
+        self.stats.prefill_seconds += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// One decode step for every live request.
+    pub fn step(&mut self, on_event: &mut impl FnMut(Event)) -> Result<()> {
+        let started = Instant::now();
+        let live: Vec<usize> = (0..self.slots.len()).filter(|&s| self.slots[s].is_some()).collect();
+        // With a KV stream per sequence, llama.cpp puts only consecutive sequence
+        // ids in one ubatch; decoding each run on its own keeps batch rows and
+        // ubatch rows the same, which the hook relies on.
+        let runs: Vec<&[usize]> =
+            if self.ctx.kv_unified() { vec![&live[..]] } else { live.chunk_by(|a, b| b == &(a + 1)).collect() };
+        for run in runs.into_iter().filter(|r| !r.is_empty()) {
+            self.batch.clear();
+            for &seq in run {
+                let slot = self.slots[seq].as_mut().expect("live");
+                let last = *slot.tokens.last().expect("a live slot has sampled a token");
+                slot.logits_row = self.batch.len() as i32;
+                self.batch.add(last, (slot.prompt_len + slot.tokens.len() - 1) as i32, seq as i32, true);
+            }
+            self.ctx.hook_mut().plan(&self.batch, &[]);
+            self.ctx.decode(&mut self.batch).context("decode failed")?;
+            for &seq in run {
+                let sampled = self.sample(seq, on_event)?;
+                self.stats.generated_tokens += sampled as usize;
+            }
+        }
+        self.stats.decode_seconds += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Ends request `id` now (a stop string, a client gone) and frees its sequence.
+    pub fn finish(&mut self, id: usize) -> Option<Generation> {
+        let seq = self.slots.iter().position(|s| s.as_ref().is_some_and(|s| s.id == id))?;
+        Some(self.release(seq))
+    }
+
+    fn release(&mut self, seq: usize) -> Generation {
+        let slot = self.slots[seq].take().expect("releasing a live slot");
+        let truncated = slot.tokens.len() >= slot.budget;
+        let hook = self.ctx.hook();
         let generation = Generation {
             gate: hook.decision(seq),
             steered: hook.is_steered(seq),
@@ -248,9 +244,81 @@ fn sample_one(
             tokens: slot.tokens,
             prompt_tokens: slot.prompt_len,
             prefill_passes: slot.prefill_passes,
+            truncated,
         };
-        ctx.seq_rm(seq as i32, -1, -1);
-        on_event(Event::Done { request: slot.request, generation });
+        self.ctx.seq_rm(seq as i32, -1, -1);
+        generation
     }
-    Ok(!end)
+
+    /// Samples the next token of the request in `seq`; finishes it on end of
+    /// generation or when its budget is spent. True if a token was added.
+    fn sample(&mut self, seq: usize, on_event: &mut impl FnMut(Event)) -> Result<bool> {
+        let vocab = self.model.llama().vocab();
+        let slot = self.slots[seq].as_mut().expect("sampling a live slot");
+        let logits = self.ctx.logits(slot.logits_row);
+        let token = match &mut slot.sampler {
+            // Greedy: the first highest logit, as llama.cpp's greedy sampler picks.
+            None => LlamaToken(logits.iter().enumerate().fold(0, |best, (i, &l)| if l > logits[best] { i } else { best }) as i32),
+            Some(sampler) => {
+                let mut candidates = LlamaTokenDataArray::from_iter(
+                    logits.iter().enumerate().map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0)),
+                    false,
+                );
+                candidates.apply_sampler(sampler);
+                let token = candidates.selected_token().context("the sampler selected no token")?;
+                sampler.accept(token);
+                token
+            }
+        };
+        let end = vocab.is_eog(token);
+        if !end {
+            slot.tokens.push(token.0);
+            slot.bytes.extend(vocab.token_to_piece(token, false, None));
+            let valid = match std::str::from_utf8(&slot.bytes[slot.emitted..]) {
+                Ok(s) => s.len(),
+                Err(e) => e.valid_up_to(),
+            };
+            if valid > 0 {
+                let text = std::str::from_utf8(&slot.bytes[slot.emitted..slot.emitted + valid]).expect("checked");
+                on_event(Event::Text { request: slot.id, text });
+                slot.emitted += valid;
+            }
+        }
+        if end || slot.tokens.len() >= slot.budget {
+            let id = slot.id;
+            let generation = self.release(seq);
+            on_event(Event::Done { request: id, generation });
+        }
+        Ok(!end)
+    }
+}
+
+/// Runs every prompt to completion, up to `parallel` at a time, reporting
+/// through `on_event`. Requests are numbered by their index in `prompts`.
+pub fn run<'m>(
+    model: &'m Model,
+    ctx: &mut Context<'m, SteerHook>,
+    prompts: &[Vec<i32>],
+    sampling: &Sampling,
+    parallel: usize,
+    mut on_event: impl FnMut(Event),
+) -> Result<RunStats> {
+    let mut engine = Engine::new(model, ctx, parallel);
+    for (i, prompt) in prompts.iter().enumerate() {
+        engine.check_fits(prompt.len()).with_context(|| format!("prompt {} does not fit", i + 1))?;
+    }
+    let mut next = 0;
+    loop {
+        while next < prompts.len() && engine.has_free_slot() {
+            engine.admit(next, &prompts[next], sampling, &mut on_event)?;
+            next += 1;
+        }
+        if engine.is_idle() {
+            if next == prompts.len() {
+                return Ok(engine.stats());
+            }
+            continue;
+        }
+        engine.step(&mut on_event)?;
+    }
 }

@@ -6,6 +6,7 @@
 //! - [`extract`] turns them into safety-related vectors,
 //! - [`gate`] decides from one layer whether a request is harmful,
 //! - [`steer`] is the hook where the gate decides and the shift happens,
+//! - [`generate`] batches requests (continuous batching), [`server`] serves them over HTTP,
 //! - [`vectors`] reads and writes llama.cpp control-vector GGUF files,
 //! - [`llama`] is the only place that calls llama.cpp unsafely.
 
@@ -20,6 +21,7 @@ pub mod judge;
 pub mod llama;
 pub mod plot;
 pub mod prompts;
+pub mod server;
 pub mod shipped;
 pub mod steer;
 pub mod vectors;

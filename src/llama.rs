@@ -282,11 +282,23 @@ pub struct ContextParams {
     /// Read and write hooked tensors through the backend copy functions even
     /// when they live in host memory, to exercise the GPU path on CPU.
     pub force_device_copy: bool,
+    /// One KV cache for all sequences, so they can share a decoded prefix; off
+    /// gives each sequence its own KV stream, so a request's attention sums run
+    /// over the same cells whatever else is in the batch.
+    pub kv_unified: bool,
 }
 
 impl Default for ContextParams {
     fn default() -> Self {
-        ContextParams { n_ctx: 4096, n_batch: 512, n_seq_max: 64, n_threads: default_threads(), flash_attn: None, force_device_copy: false }
+        ContextParams {
+            n_ctx: 4096,
+            n_batch: 512,
+            n_seq_max: 64,
+            n_threads: default_threads(),
+            flash_attn: None,
+            force_device_copy: false,
+            kv_unified: true,
+        }
     }
 }
 
@@ -300,6 +312,7 @@ pub struct Context<'m, H: LayerHook> {
     cell: Box<HookCell<H>>,
     n_batch: usize,
     n_seq_max: usize,
+    kv_unified: bool,
     _model: PhantomData<&'m Model>,
 }
 
@@ -336,8 +349,7 @@ impl<'m, H: LayerHook> Context<'m, H> {
         raw_params.n_seq_max = params.n_seq_max;
         raw_params.n_threads = params.n_threads;
         raw_params.n_threads_batch = params.n_threads;
-        // A unified KV cache lets sequences share a decoded prefix without copying.
-        raw_params.kv_unified = true;
+        raw_params.kv_unified = params.kv_unified;
         raw_params.no_perf = true;
         raw_params.flash_attn_type = match params.flash_attn {
             None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
@@ -354,7 +366,14 @@ impl<'m, H: LayerHook> Context<'m, H> {
         let raw = NonNull::new(raw).ok_or_else(|| {
             anyhow!("llama.cpp could not create a context (n_ctx {}, n_batch {}); try a smaller --ctx-size", params.n_ctx, params.n_batch)
         })?;
-        Ok(Context { raw, cell, n_batch: params.n_batch as usize, n_seq_max: params.n_seq_max as usize, _model: PhantomData })
+        Ok(Context {
+            raw,
+            cell,
+            n_batch: params.n_batch as usize,
+            n_seq_max: params.n_seq_max as usize,
+            kv_unified: params.kv_unified,
+            _model: PhantomData,
+        })
     }
 
     pub fn hook(&self) -> &H {
@@ -371,6 +390,10 @@ impl<'m, H: LayerHook> Context<'m, H> {
 
     pub fn n_batch(&self) -> usize {
         self.n_batch
+    }
+
+    pub fn kv_unified(&self) -> bool {
+        self.kv_unified
     }
 
     pub fn n_seq_max(&self) -> usize {

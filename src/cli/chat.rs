@@ -50,6 +50,7 @@ pub fn run(ChatArgs { session: args }: ChatArgs) -> Result<()> {
                 let _ = std::io::stdout().flush();
             }
             Event::Done { generation, .. } => answer = Some(generation),
+            Event::Started { .. } => {}
         });
         if let Err(e) = result {
             eprintln!("\nerror: {e:#}");

@@ -42,6 +42,9 @@ pub struct EvalArgs {
     /// At most this many prompts per set
     #[arg(long)]
     limit: Option<usize>,
+    /// Sets to evaluate
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Set::Harmful, Set::Harmless, Set::Jailbreak, Set::Tasks])]
+    sets: Vec<Set>,
     /// Modes to compare
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ModeArg::Plain, ModeArg::Always, ModeArg::Gated])]
     modes: Vec<ModeArg>,
@@ -80,6 +83,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     items.extend(jailbreak_items(&harmful, &templates, limit));
     let tasks_path = args.tasks.clone().unwrap_or_else(|| repo_data("tasks.jsonl"));
     items.extend(task_items(read_tasks(&tasks_path)?, limit));
+    items.retain(|item| args.sets.contains(&item.set));
     eprintln!(
         "sets: {} harmful (skipped {skipped_harmful} training prompts), {} harmless (skipped {skipped_harmless}), {} jailbreaks, {} tasks",
         items.iter().filter(|i| i.set == Set::Harmful).count(),
@@ -106,6 +110,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "jailbreaks": jailbreak_path.display().to_string(),
         "tasks": tasks_path.display().to_string(),
         "limit": args.limit,
+        "sets": args.sets,
     });
     let mut outcomes = resume(&args.out, &params)?;
     let done: HashSet<(String, Set, usize)> = outcomes.iter().map(|o| (o.mode.clone(), o.set, o.index)).collect();

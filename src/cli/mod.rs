@@ -8,6 +8,7 @@ mod extract;
 mod generate;
 mod inspect;
 mod judge_check;
+mod serve;
 mod steer_args;
 mod sweep;
 
@@ -45,6 +46,8 @@ enum Command {
     Sweep(sweep::SweepArgs),
     /// Check the refusal judge against human-labelled responses
     JudgeCheck(judge_check::JudgeCheckArgs),
+    /// OpenAI-compatible HTTP server; each request is gated on its own, even in a shared batch
+    Serve(serve::ServeArgs),
     /// Measure speed against plain llama.cpp work on the same model, in one run
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -60,6 +63,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Sweep(args) => sweep::run(args),
         Command::JudgeCheck(args) => judge_check::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

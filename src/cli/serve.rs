@@ -1,0 +1,109 @@
+//! `inferalign serve`: an OpenAI-compatible server that gates every request on
+//! its own, even when requests share a batch.
+
+use std::sync::mpsc;
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+
+use inferalign::llama::{Context, ContextParams, Model};
+use inferalign::server::{router, run_engine, shutdown_signal, ServeOptions};
+use inferalign::steer::Mode;
+
+use super::steer_args::{ModeArg, SteerArgs};
+use super::ModelArgs;
+
+/// Requests waiting for a free slot before the server answers 503.
+const QUEUE: usize = 256;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub steer: SteerArgs,
+    /// plain: no hook; gated: InferAligner; always: shift every request
+    #[arg(long, value_enum, default_value_t = ModeArg::Gated)]
+    pub mode: ModeArg,
+    /// Address to listen on
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port)
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Requests decoded together; each gets --ctx-size / N tokens of context
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Require `Authorization: Bearer KEY` on /v1 endpoints
+    #[arg(long, env = "INFERALIGN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Model name reported to clients (default: the model file's name)
+    #[arg(long)]
+    pub alias: Option<String>,
+}
+
+/// A context in which each request's answer does not depend on what else is
+/// in the batch. With one KV cache for all, a request's cells sit at offsets
+/// that depend on the other requests, and llama.cpp's SIMD attention sums then
+/// round differently (greedy answers diverged in 2 of 4 pairs); a KV stream per
+/// sequence puts them where they would be alone. Flash attention stays off as
+/// in the capture test, where invariance was proven without it.
+pub fn batch_invariant(params: ContextParams, parallel: usize) -> ContextParams {
+    ContextParams { n_seq_max: parallel as u32, kv_unified: false, flash_attn: Some(false), ..params }
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    anyhow::ensure!(args.parallel >= 1, "--parallel must be at least 1");
+    let model = args.model.load()?;
+    let mode: Mode = args.mode.into();
+    let resolved = args.steer.resolve(&model, mode)?;
+    eprintln!("{}", resolved.describe());
+    let template = args.model.template(&model, resolved.recorded_template())?;
+    let params = batch_invariant(args.model.context_params(), args.parallel);
+    let model_id = args.alias.clone().unwrap_or_else(|| model_name(&model));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind((args.host.as_str(), args.port)))
+        .with_context(|| format!("cannot listen on {}:{}; is another server using the port? try --port", args.host, args.port))?;
+    let (jobs, queue) = mpsc::sync_channel(QUEUE);
+    let (engine_ended, engine_end) = tokio::sync::oneshot::channel::<()>();
+
+    std::thread::scope(|scope| {
+        let (ready, engine_ready) = mpsc::channel();
+        let (model, params, template, parallel) = (&model, &params, &template, args.parallel);
+        let hook = resolved.hook(parallel)?;
+        let engine = scope.spawn(move || {
+            let _ended = engine_ended;
+            let mut ctx = Context::new(model, params, hook, mode != Mode::Plain)?;
+            let _ = ready.send(());
+            run_engine(model, template, &mut ctx, parallel, queue)
+        });
+        if engine_ready.recv().is_err() {
+            return engine.join().expect("the engine thread panicked");
+        }
+        let app = router(jobs, ServeOptions { model_id: model_id.clone(), api_key: args.api_key.clone(), mode: format!("{mode:?}").to_lowercase() });
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "serving {model_id} on http://{addr} ({} parallel requests, {} context tokens each); Ctrl-C stops",
+            args.parallel,
+            params.n_ctx as usize / args.parallel
+        );
+        let served = runtime.block_on(async {
+            let stop = async {
+                tokio::select! {
+                    _ = shutdown_signal() => eprintln!("shutting down: finishing requests in flight"),
+                    _ = engine_end => {}
+                }
+            };
+            axum::serve(listener, app).with_graceful_shutdown(stop).await
+        });
+        let engine = engine.join().expect("the engine thread panicked");
+        served.context("the HTTP server failed")?;
+        engine.context("the engine stopped")
+    })
+}
+
+fn model_name(model: &Model) -> String {
+    model.path.file_name().map_or_else(|| model.path.display().to_string(), |n| n.to_string_lossy().into_owned())
+}
