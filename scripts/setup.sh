@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine with Rust and Python lacks (cmake,
-# libclang, a C++ compiler, PyYAML), then fetches the models and data into
+# libclang, a C++ compiler, curl, PyYAML, the openai client the server tests
+# use), then fetches the models and data into
 # ${INFERALIGN_CACHE:-~/.cache/inferalign}, verifying sha256.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v cmake >/dev/null || missing+=(cmake)
 command -v c++ >/dev/null || missing+=(g++)
+command -v curl >/dev/null || missing+=(curl)
 ldconfig -p 2>/dev/null | grep -q libclang || ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}"
@@ -18,4 +20,5 @@ if ((${#missing[@]})); then
 fi
 
 python3 -c "import yaml" 2>/dev/null || python3 -m pip install --quiet "pyyaml==6.0.2"
+python3 -c "import openai" 2>/dev/null || python3 -m pip install --quiet "openai==2.54.0"
 python3 scripts/fetch.py "$@"

@@ -508,7 +508,12 @@ async fn respond(state: AppState, input: Input, options: Options, kind: Kind) ->
         }
         while let Some(reply) = rx.recv().await {
             let chunk = match reply {
-                Reply::Text(t) => envelope(kind.object(true), kind.choice(&t, None, true, false)),
+                Reply::Text(t) => {
+                    // The gate's verdict rides on the first and the last chunk only.
+                    let mut chunk = envelope(kind.object(true), kind.choice(&t, None, true, false));
+                    chunk.as_object_mut().expect("object").remove("inferalign");
+                    chunk
+                }
                 Reply::Done { finish_reason, completion_tokens } => {
                     let _ = events.send(envelope(kind.object(true), kind.choice("", Some(finish_reason), true, false)));
                     if include_usage {

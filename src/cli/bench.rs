@@ -24,6 +24,8 @@ pub enum BenchCommand {
     Extract(ExtractBench),
     /// Generation with the hook (gate closed, gate open) vs without, prefill and decode separately
     Generate(GenerateBench),
+    /// Load test of `serve` on loopback: concurrent clients vs the same requests one at a time
+    Serve(super::bench_serve::ServeBench),
 }
 
 #[derive(Args)]
@@ -71,6 +73,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Extract(args) => extract_bench(args),
         BenchCommand::Generate(args) => generate_bench(args),
+        BenchCommand::Serve(args) => super::bench_serve::serve_bench(args),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Subcommands and the options they share.
 
 mod bench;
+mod bench_serve;
 mod chat;
 mod classify;
 mod eval;
