@@ -200,26 +200,27 @@ fn generate_bench(args: GenerateBench) -> Result<()> {
     let mut runs: Vec<Vec<RunStats>> = vec![Vec::new(); contexts.len()];
     for run in 0..args.runs {
         eprintln!("run {}/{}", run + 1, args.runs);
-        for (i, (_, ctx)) in contexts.iter_mut().enumerate() {
-            runs[i].push(generate::run(&model, ctx, &tokens, &sampling, 1, |_| {})?);
+        // Rotating the order keeps any warm-up or drift from favouring one mode.
+        let n = contexts.len();
+        for i in (0..n).map(|k| (k + run) % n) {
+            runs[i].push(generate::run(&model, &mut contexts[i].1, &tokens, &sampling, 1, |_| {})?);
         }
     }
     let rate = |s: &RunStats, prefill: bool| {
         if prefill { s.prompt_tokens as f64 / s.prefill_seconds.max(1e-9) } else { s.generated_tokens as f64 / s.decode_seconds.max(1e-9) }
     };
-    let medians: Vec<(f64, f64)> = runs
-        .iter()
-        .map(|r| (median(r.iter().map(|s| rate(s, true)).collect()), median(r.iter().map(|s| rate(s, false)).collect())))
-        .collect();
+    // Each run measures every mode back to back, so a ratio within one run
+    // cancels the machine's drift; the median of those ratios is reported.
+    let median_of = |mode: usize, f: &dyn Fn(&RunStats, &RunStats) -> f64| median(runs[mode].iter().zip(&runs[0]).map(|(s, p)| f(s, p)).collect());
     let results: Vec<GenMode> = contexts
         .iter()
-        .zip(&medians)
-        .map(|((name, _), &(p, d))| GenMode {
+        .enumerate()
+        .map(|(i, (name, _))| GenMode {
             name,
-            median_prefill_tokens_per_second: p,
-            median_decode_tokens_per_second: d,
-            prefill_ratio: p / medians[0].0,
-            decode_ratio: d / medians[0].1,
+            median_prefill_tokens_per_second: median_of(i, &|s, _| rate(s, true)),
+            median_decode_tokens_per_second: median_of(i, &|s, _| rate(s, false)),
+            prefill_ratio: median_of(i, &|s, p| rate(s, true) / rate(p, true)),
+            decode_ratio: median_of(i, &|s, p| rate(s, false) / rate(p, false)),
         })
         .collect();
     if args.json {
@@ -236,7 +237,7 @@ fn generate_bench(args: GenerateBench) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("{} prompts, {} threads, medians of {} runs", prompts.len(), params.n_threads, args.runs);
+    println!("{} prompts, {} threads, medians of {} runs (ratios: median of per-run ratios)", prompts.len(), params.n_threads, args.runs);
     println!("{:<28} {:>12} {:>9} {:>12} {:>9}", "mode", "prefill t/s", "ratio", "decode t/s", "ratio");
     for m in &results {
         println!(
