@@ -20,11 +20,8 @@ pub struct ChatArgs {
 }
 
 pub fn run(ChatArgs { session: args }: ChatArgs) -> Result<()> {
-    let model = args.model.load()?;
-    let resolved = args.steer.resolve(&model, args.mode.into())?;
-    eprintln!("{}", resolved.describe());
-    let template = args.model.template(&model, resolved.recorded_template())?;
-    let mut ctx = Context::new(&model, &args.model.context_params(), resolved.hook(1)?, resolved.mode != Mode::Plain)?;
+    let (model, resolved, template) = args.guard.open()?;
+    let mut ctx = Context::new(&model, &args.guard.model.context_params(), resolved.hook(1)?, resolved.mode != Mode::Plain)?;
     let sampling = args.sampling.sampling();
     eprintln!("type a message and press Enter; an empty line or Ctrl-D ends the chat");
 

@@ -11,19 +11,13 @@ use inferalign::llama::Context;
 use inferalign::prompts::{prepare, read_prompts};
 use inferalign::steer::Mode;
 
-use super::steer_args::{ModeArg, SteerArgs};
-use super::ModelArgs;
+use super::steer_args::GuardArgs;
 
 /// What `generate` and `chat` share: the model, the vectors, the mode and sampling.
 #[derive(Args)]
 pub struct SessionArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub steer: SteerArgs,
-    /// plain: no hook; gated: InferAligner; always: shift every request
-    #[arg(long, value_enum, default_value_t = ModeArg::Gated)]
-    pub mode: ModeArg,
+    pub guard: GuardArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -72,12 +66,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, None) => unreachable!("clap requires one"),
     };
     let session = &args.session;
-    let model = session.model.load()?;
-    let resolved = session.steer.resolve(&model, session.mode.into())?;
-    eprintln!("{}", resolved.describe());
-    let template = session.model.template(&model, resolved.recorded_template())?;
-    let tokens = prepare(&model, &template, &prompts, session.model.ctx_size as usize)?;
-    let params = session.model.context_params();
+    let (model, resolved, template) = session.guard.open()?;
+    let tokens = prepare(&model, &template, &prompts, session.guard.model.ctx_size as usize)?;
+    let params = session.guard.model.context_params();
     let with_callback = resolved.mode != Mode::Plain;
     let mut ctx = Context::new(&model, &params, resolved.hook(1)?, with_callback)?;
     let sampling = session.sampling.sampling();

@@ -10,8 +10,7 @@ use inferalign::llama::{Context, ContextParams, Model};
 use inferalign::server::{router, run_engine, shutdown_signal, ServeOptions};
 use inferalign::steer::Mode;
 
-use super::steer_args::{ModeArg, SteerArgs};
-use super::ModelArgs;
+use super::steer_args::GuardArgs;
 
 /// Requests waiting for a free slot before the server answers 503.
 const QUEUE: usize = 256;
@@ -19,12 +18,7 @@ const QUEUE: usize = 256;
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub steer: SteerArgs,
-    /// plain: no hook; gated: InferAligner; always: shift every request
-    #[arg(long, value_enum, default_value_t = ModeArg::Gated)]
-    pub mode: ModeArg,
+    pub guard: GuardArgs,
     /// Address to listen on
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -54,12 +48,9 @@ pub fn batch_invariant(params: ContextParams, parallel: usize) -> ContextParams 
 
 pub fn run(args: ServeArgs) -> Result<()> {
     anyhow::ensure!(args.parallel >= 1, "--parallel must be at least 1");
-    let model = args.model.load()?;
-    let mode: Mode = args.mode.into();
-    let resolved = args.steer.resolve(&model, mode)?;
-    eprintln!("{}", resolved.describe());
-    let template = args.model.template(&model, resolved.recorded_template())?;
-    let params = batch_invariant(args.model.context_params(), args.parallel);
+    let (model, resolved, template) = args.guard.open()?;
+    let mode = resolved.mode;
+    let params = batch_invariant(args.guard.model.context_params(), args.parallel);
     let model_id = args.alias.clone().unwrap_or_else(|| model_name(&model));
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

@@ -8,8 +8,11 @@ use clap::{Args, ValueEnum};
 
 use inferalign::gate::Gate;
 use inferalign::llama::Model;
+use inferalign::prompts::Template;
 use inferalign::steer::{parse_layers, Mode, SteerHook, Steering};
 use inferalign::vectors::VectorFile;
+
+use super::ModelArgs;
 
 /// Strength and layers used when neither the command line nor the vector file says.
 pub const DEFAULT_ALPHA: f32 = 4.0;
@@ -124,5 +127,28 @@ impl Resolved {
             layers[layers.len() - 1],
             self.steer_path.display()
         )
+    }
+}
+
+/// The model, its vectors and the mode: what every command that answers requests takes.
+#[derive(Args)]
+pub struct GuardArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub steer: SteerArgs,
+    /// plain: no hook; gated: InferAligner; always: shift every request
+    #[arg(long, value_enum, default_value_t = ModeArg::Gated)]
+    pub mode: ModeArg,
+}
+
+impl GuardArgs {
+    /// Loads the model and resolves its vectors and chat template, saying which.
+    pub fn open(&self) -> Result<(Model, Resolved, Template)> {
+        let model = self.model.load()?;
+        let resolved = self.steer.resolve(&model, self.mode.into())?;
+        eprintln!("{}", resolved.describe());
+        let template = self.model.template(&model, resolved.recorded_template())?;
+        Ok((model, resolved, template))
     }
 }
