@@ -5,4 +5,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 # llama.cpp uses every core for one decode; tests in parallel would only fight.
 cargo build --release
+# Test fixture: Qwen with its refusal direction projected out, as a LoRA (1-2 s).
+cargo run --release --quiet --example abliterate -- \
+    "${INFERALIGN_CACHE:-$HOME/.cache/inferalign}/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf" \
+    gguf-vectors/qwen2.5-coder-0.5b-instruct-q4_k_m.srv.gguf \
+    "${INFERALIGN_CACHE:-$HOME/.cache/inferalign}/fixtures/qwen-abliterated.lora.gguf"
 cargo test --release --no-fail-fast -- --test-threads=1

@@ -29,11 +29,19 @@ pub fn backend() -> &'static LlamaBackend {
     })
 }
 
-/// A loaded GGUF model.
+/// A loaded GGUF model, with the LoRA adapters every context of it applies.
 pub struct Model {
     inner: LlamaModel,
     pub path: PathBuf,
+    /// Adapter files and scales, in the order given.
+    pub loras: Vec<(PathBuf, f32)>,
+    adapters: Vec<NonNull<sys::llama_adapter_lora>>,
 }
+
+// SAFETY: llama.cpp models and adapters are read-only once loaded; contexts on
+// several threads may share them.
+unsafe impl Send for Model {}
+unsafe impl Sync for Model {}
 
 /// How to load a model.
 #[derive(Clone, Copy, Debug)]
@@ -73,7 +81,28 @@ impl Model {
         // SAFETY: `LlamaModel` is `#[repr(transparent)]` over a non-null
         // `llama_model` pointer that it frees on drop; we hand it ownership.
         let inner: LlamaModel = unsafe { std::mem::transmute::<NonNull<sys::llama_model>, LlamaModel>(raw) };
-        Ok(Model { inner, path: path.to_path_buf() })
+        Ok(Model { inner, path: path.to_path_buf(), loras: Vec::new(), adapters: Vec::new() })
+    }
+
+    /// Adds a LoRA adapter (llama.cpp's LoRA GGUF), applied with `scale` by
+    /// every context made from now on.
+    pub fn add_lora(&mut self, path: &Path, scale: f32) -> Result<()> {
+        if !path.is_file() {
+            bail!("LoRA adapter {} does not exist", path.display());
+        }
+        let cpath = CString::new(path.as_os_str().as_encoded_bytes()).context("adapter path contains a NUL byte")?;
+        // SAFETY: the model is loaded; llama.cpp frees its adapters with it.
+        let adapter = unsafe { sys::llama_adapter_lora_init(self.raw(), cpath.as_ptr()) };
+        let adapter = NonNull::new(adapter).ok_or_else(|| {
+            anyhow!(
+                "cannot load LoRA adapter {} for {} (is it a llama.cpp LoRA GGUF made for this model's architecture and shapes?)",
+                path.display(),
+                self.path.display()
+            )
+        })?;
+        self.adapters.push(adapter);
+        self.loras.push((path.to_path_buf(), scale));
+        Ok(())
     }
 
     /// The safe llama-cpp-2 handle, for tokenizing and chat templates.
@@ -366,6 +395,16 @@ impl<'m, H: LayerHook> Context<'m, H> {
         let raw = NonNull::new(raw).ok_or_else(|| {
             anyhow!("llama.cpp could not create a context (n_ctx {}, n_batch {}); try a smaller --ctx-size", params.n_ctx, params.n_batch)
         })?;
+        if !model.adapters.is_empty() {
+            let mut adapters: Vec<*mut sys::llama_adapter_lora> = model.adapters.iter().map(|a| a.as_ptr()).collect();
+            let mut scales: Vec<f32> = model.loras.iter().map(|(_, s)| *s).collect();
+            // SAFETY: the adapters belong to this context's model; llama.cpp copies both arrays.
+            let rc = unsafe { sys::llama_set_adapters_lora(raw.as_ptr(), adapters.as_mut_ptr(), adapters.len(), scales.as_mut_ptr()) };
+            if rc != 0 {
+                unsafe { sys::llama_free(raw.as_ptr()) };
+                bail!("llama.cpp could not apply the LoRA adapters (code {rc})");
+            }
+        }
         Ok(Context {
             raw,
             cell,
@@ -634,6 +673,30 @@ impl GgufFile {
         (0..n).map(|i| unsafe { cstr(sys::gguf_get_tensor_name(self.gguf.as_ptr(), i)) }).collect()
     }
 
+    /// Any tensor's values as F32 (dequantized), with its shape `ne`.
+    pub fn tensor_dequantized(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let cname = CString::new(name)?;
+        let t = unsafe { sys::ggml_get_tensor(self.tensors, cname.as_ptr()) };
+        if t.is_null() {
+            bail!("tensor {name} is missing");
+        }
+        let tensor = unsafe { &*t };
+        let dims = unsafe { sys::ggml_n_dims(t) } as usize;
+        let shape: Vec<usize> = tensor.ne[..dims].iter().map(|&n| n as usize).collect();
+        let (row_len, rows) = (shape[0], shape[1..].iter().product::<usize>());
+        let mut out = vec![0f32; row_len * rows];
+        // SAFETY: no_alloc = false loaded the data; rows are contiguous, nb[1] bytes apart.
+        unsafe {
+            let traits = &*sys::ggml_get_type_traits(tensor.type_);
+            let to_float = traits.to_float.with_context(|| format!("tensor {name} has a type ggml cannot dequantize"))?;
+            for r in 0..rows {
+                let src = (tensor.data as *const u8).add(r * tensor.nb[1]) as *const c_void;
+                to_float(src, out.as_mut_ptr().add(r * row_len), row_len as i64);
+            }
+        }
+        Ok((out, shape))
+    }
+
     /// A 1-D F32 tensor's values.
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
         let cname = CString::new(name)?;
@@ -672,10 +735,11 @@ unsafe fn cstr(p: *const std::os::raw::c_char) -> String {
     CStr::from_ptr(p).to_string_lossy().into_owned()
 }
 
-/// Builds a GGUF file of metadata and 1-D F32 tensors.
+/// Builds a GGUF file of metadata and F32 tensors.
 pub struct GgufWriter {
     kv: Vec<(String, GgufValue)>,
-    tensors: Vec<(String, Vec<f32>)>,
+    /// Name, data, shape (`ne`, innermost first).
+    tensors: Vec<(String, Vec<f32>, Vec<i64>)>,
 }
 
 impl Default for GgufWriter {
@@ -694,13 +758,20 @@ impl GgufWriter {
     }
 
     pub fn add_tensor(&mut self, name: &str, data: Vec<f32>) {
-        self.tensors.push((name.to_string(), data));
+        let len = data.len() as i64;
+        self.tensors.push((name.to_string(), data, vec![len]));
+    }
+
+    /// A matrix of `rows` rows of `row_len` values (`ne = [row_len, rows]`).
+    pub fn add_matrix(&mut self, name: &str, data: Vec<f32>, row_len: usize, rows: usize) {
+        assert_eq!(data.len(), row_len * rows, "matrix {name}: data does not match its shape");
+        self.tensors.push((name.to_string(), data, vec![row_len as i64, rows as i64]));
     }
 
     /// Writes to a temporary file beside `path`, then renames, so a failure
     /// never leaves a half-written file in place of a good one.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let bytes: usize = self.tensors.iter().map(|(_, d)| d.len() * 4).sum();
+        let bytes: usize = self.tensors.iter().map(|(_, d, _)| d.len() * 4).sum();
         let mem_size = bytes + (self.tensors.len() + 1) * unsafe { sys::ggml_tensor_overhead() } + 1024;
         let ggml = unsafe {
             sys::ggml_init(sys::ggml_init_params { mem_size, mem_buffer: std::ptr::null_mut(), no_alloc: false })
@@ -736,10 +807,10 @@ impl GgufWriter {
                     }
                 }
             }
-            for (name, data) in &self.tensors {
+            for (name, data, shape) in &self.tensors {
                 let cname = CString::new(name.as_str())?;
                 unsafe {
-                    let t = sys::ggml_new_tensor_1d(ggml, sys::GGML_TYPE_F32, data.len() as i64);
+                    let t = sys::ggml_new_tensor(ggml, sys::GGML_TYPE_F32, shape.len() as i32, shape.as_ptr());
                     sys::ggml_set_name(t, cname.as_ptr());
                     std::ptr::copy_nonoverlapping(data.as_ptr(), (*t).data as *mut f32, data.len());
                     sys::gguf_add_tensor(gguf, t);

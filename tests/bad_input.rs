@@ -182,3 +182,15 @@ fn a_failed_extraction_leaves_the_old_output_intact() {
     );
     assert_eq!(std::fs::read(&out).unwrap(), before);
 }
+
+#[test]
+fn bad_lora_adapters_are_rejected() {
+    let dir = common::tempdir();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("gguf-vectors/qwen2.5-coder-0.5b-instruct-q4_k_m.srv.gguf");
+    let missing = dir.path().join("missing.gguf");
+    classify(dir.path(), &shipped, &["--lora", missing.to_str().unwrap()], "does not exist");
+    // A control-vector file is GGUF but no adapter.
+    classify(dir.path(), &shipped, &["--lora", shipped.to_str().unwrap()], "cannot load LoRA adapter");
+    let lora = common::abliterated_lora();
+    classify(dir.path(), &shipped, &["--lora", lora.to_str().unwrap(), "--lora-scale", "1", "--lora-scale", "2"], "one scale per adapter");
+}

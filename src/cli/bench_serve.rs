@@ -47,16 +47,8 @@ struct Server {
 
 impl Server {
     fn start(args: &ServeBench) -> Result<Server> {
-        let m = &args.model;
         let mut command = Command::new(std::env::current_exe()?);
-        command.args(["serve", "--port", "0", "--parallel", &args.parallel.to_string(), "-c", &m.ctx_size.to_string()]);
-        command.arg("-m").arg(&m.model).args(["-b", &m.batch_size.to_string(), "-g", &m.n_gpu_layers.to_string()]);
-        if let Some(t) = m.threads {
-            command.args(["-t", &t.to_string()]);
-        }
-        if let Some(t) = &m.template {
-            command.args(["--template", t]);
-        }
+        command.args(["serve", "--port", "0", "--parallel", &args.parallel.to_string()]).args(args.model.as_args());
         let mut child = command.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().context("cannot start inferalign serve")?;
         let stderr = BufReader::new(child.stderr.take().expect("piped"));
         let mut log = Vec::new();

@@ -15,7 +15,7 @@ mod sweep;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -93,11 +93,43 @@ pub struct ModelArgs {
     /// Layers to offload to the GPU (CUDA/Metal/Vulkan builds)
     #[arg(long, short = 'g', default_value_t = 0)]
     pub n_gpu_layers: u32,
+    /// LoRA adapter (llama.cpp LoRA GGUF) applied to the model; repeatable
+    #[arg(long)]
+    pub lora: Vec<PathBuf>,
+    /// Scale of the LoRA adapter given in the same position (default 1); repeatable
+    #[arg(long, allow_hyphen_values = true)]
+    pub lora_scale: Vec<f32>,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
-        Model::load(&self.model, self.n_gpu_layers)
+        if self.lora_scale.len() > self.lora.len() {
+            bail!("{} --lora-scale values for {} --lora adapters: give one scale per adapter, in the same order", self.lora_scale.len(), self.lora.len());
+        }
+        let mut model = Model::load(&self.model, self.n_gpu_layers)?;
+        for (i, path) in self.lora.iter().enumerate() {
+            let scale = self.lora_scale.get(i).copied().unwrap_or(1.0);
+            if !scale.is_finite() {
+                bail!("--lora-scale must be a finite number");
+            }
+            model.add_lora(path, scale)?;
+        }
+        Ok(model)
+    }
+
+    /// The same options as arguments, for a child `inferalign` process.
+    pub fn as_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec!["-m".into(), self.model.clone().into()];
+        let mut push = |flag: &str, value: String| args.extend([flag.into(), value.into()]);
+        push("-c", self.ctx_size.to_string());
+        push("-b", self.batch_size.to_string());
+        push("-g", self.n_gpu_layers.to_string());
+        self.threads.inspect(|t| push("-t", t.to_string()));
+        self.template.iter().for_each(|t| push("--template", t.clone()));
+        self.system_prompt.iter().for_each(|p| push("--system-prompt", p.clone()));
+        self.lora.iter().for_each(|l| push("--lora", l.display().to_string()));
+        self.lora_scale.iter().for_each(|s| push("--lora-scale", s.to_string()));
+        args
     }
 
     pub fn context_params(&self) -> ContextParams {

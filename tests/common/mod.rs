@@ -24,6 +24,14 @@ pub fn model(name: &str) -> PathBuf {
     cached(&format!("models/{name}"))
 }
 
+/// Qwen with its refusal direction projected out (`examples/abliterate.rs`),
+/// made by `scripts/test.sh` at set-up.
+pub fn abliterated_lora() -> PathBuf {
+    let path = cache().join("fixtures/qwen-abliterated.lora.gguf");
+    assert!(path.is_file(), "missing {}: scripts/test.sh generates it with examples/abliterate.rs", path.display());
+    path
+}
+
 pub fn advbench() -> PathBuf {
     cached("data/advbench.jsonl")
 }
