@@ -114,6 +114,8 @@ pub struct Engine<'c, 'm> {
     batch: Batch,
     slots: Vec<Option<Slot>>,
     room: usize,
+    /// Most rows in one decode call.
+    max_rows: usize,
     stats: RunStats,
 }
 
@@ -124,7 +126,12 @@ impl<'c, 'm> Engine<'c, 'm> {
         let room = ctx.n_ctx() / parallel;
         let batch = Batch::new(ctx.n_batch().max(parallel));
         ctx.clear_memory();
-        Engine { model, ctx, batch, slots: (0..parallel).map(|_| None).collect(), room, stats: RunStats::default() }
+        Engine { model, ctx, batch, slots: (0..parallel).map(|_| None).collect(), room, max_rows: parallel, stats: RunStats::default() }
+    }
+
+    /// Decodes at most `rows` requests per `llama_decode` call.
+    pub fn limit_rows(&mut self, rows: usize) {
+        self.max_rows = rows.max(1);
     }
 
     /// Context tokens each request has for its prompt and answer.
@@ -208,7 +215,8 @@ impl<'c, 'm> Engine<'c, 'm> {
         // ubatch rows the same, which the hook relies on.
         let runs: Vec<&[usize]> =
             if self.ctx.kv_unified() { vec![&live[..]] } else { live.chunk_by(|a, b| b == &(a + 1)).collect() };
-        for run in runs.into_iter().filter(|r| !r.is_empty()) {
+        let max_rows = self.max_rows;
+        for run in runs.into_iter().flat_map(|r| r.chunks(max_rows)) {
             self.batch.clear();
             for &seq in run {
                 let slot = self.slots[seq].as_mut().expect("live");

@@ -19,7 +19,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use inferalign::llama::{default_threads, ContextParams, Model};
+use inferalign::llama::{default_threads, ContextParams, LoadOptions, Model};
 use inferalign::prompts::Template;
 
 #[derive(Parser)]
@@ -99,6 +99,10 @@ pub struct ModelArgs {
     /// Scale of the LoRA adapter given in the same position (default 1); repeatable
     #[arg(long, allow_hyphen_values = true)]
     pub lora_scale: Vec<f32>,
+    /// Let llama.cpp repack weights for faster CPU matmuls; commands that need
+    /// answers independent of the batch turn it off.
+    #[arg(skip = true)]
+    pub weight_repack: bool,
 }
 
 impl ModelArgs {
@@ -106,7 +110,8 @@ impl ModelArgs {
         if self.lora_scale.len() > self.lora.len() {
             bail!("{} --lora-scale values for {} --lora adapters: give one scale per adapter, in the same order", self.lora_scale.len(), self.lora.len());
         }
-        let mut model = Model::load(&self.model, self.n_gpu_layers)?;
+        let options = LoadOptions { n_gpu_layers: self.n_gpu_layers, weight_repack: self.weight_repack };
+        let mut model = Model::load_with(&self.model, options)?;
         for (i, path) in self.lora.iter().enumerate() {
             let scale = self.lora_scale.get(i).copied().unwrap_or(1.0);
             if !scale.is_finite() {

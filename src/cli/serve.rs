@@ -46,8 +46,12 @@ pub fn batch_invariant(params: ContextParams, parallel: usize) -> ContextParams 
     ContextParams { n_seq_max: parallel as u32, kv_unified: false, flash_attn: Some(false), ..params }
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
+pub fn run(mut args: ServeArgs) -> Result<()> {
     anyhow::ensure!(args.parallel >= 1, "--parallel must be at least 1");
+    // Repacked weights go through a batched matmul kernel once a decode step
+    // has 4 or more rows, which rounds differently from the one-row kernel a
+    // request alone gets: 10 of 48 greedy answers changed under load.
+    args.guard.model.weight_repack = false;
     let (model, resolved, template) = args.guard.open()?;
     let mode = resolved.mode;
     let params = batch_invariant(args.guard.model.context_params(), args.parallel);
