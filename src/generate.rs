@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::capture::BatchAware;
 use crate::llama::{Batch, BatchLayout, Context, Model};
-use crate::steer::{GateDecision, SteerHook};
+use crate::steer::{GateDecision, Mode, SteerHook};
 
 #[derive(Clone, Debug)]
 pub struct Sampling {
@@ -116,6 +116,8 @@ pub struct Engine<'c, 'm> {
     room: usize,
     /// Most rows in one decode call.
     max_rows: usize,
+    /// llama.cpp's own control vector holds the shift (the hook's is off).
+    control_vector: bool,
     stats: RunStats,
 }
 
@@ -126,7 +128,7 @@ impl<'c, 'm> Engine<'c, 'm> {
         let room = ctx.n_ctx() / parallel;
         let batch = Batch::new(ctx.n_batch().max(parallel));
         ctx.clear_memory();
-        Engine { model, ctx, batch, slots: (0..parallel).map(|_| None).collect(), room, max_rows: parallel, stats: RunStats::default() }
+        Engine { model, ctx, batch, slots: (0..parallel).map(|_| None).collect(), room, max_rows: parallel, control_vector: false, stats: RunStats::default() }
     }
 
     /// Decodes at most `rows` requests per `llama_decode` call.
@@ -170,6 +172,8 @@ impl<'c, 'm> Engine<'c, 'm> {
         self.check_fits(prompt.len())?;
         let seq = self.slots.iter().position(Option::is_none).context("no free slot")?;
         let started = Instant::now();
+        // The prompt pass gates first, so the hook must hold the shift.
+        self.use_control_vector(false)?;
         let (ctx, batch) = (&mut *self.ctx, &mut self.batch);
         ctx.seq_rm(seq as i32, -1, -1);
         ctx.hook_mut().begin_request(seq);
@@ -217,6 +221,8 @@ impl<'c, 'm> Engine<'c, 'm> {
             if self.ctx.kv_unified() { vec![&live[..]] } else { live.chunk_by(|a, b| b == &(a + 1)).collect() };
         let max_rows = self.max_rows;
         for run in runs.into_iter().flat_map(|r| r.chunks(max_rows)) {
+            let hook = self.ctx.hook();
+            self.use_control_vector(hook.mode() != Mode::Plain && run.iter().all(|&seq| hook.is_steered(seq)))?;
             self.batch.clear();
             for &seq in run {
                 let slot = self.slots[seq].as_mut().expect("live");
@@ -232,6 +238,26 @@ impl<'c, 'm> Engine<'c, 'm> {
             }
         }
         self.stats.decode_seconds += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// When every row of a decode call is steered, llama.cpp's own control
+    /// vector can add the shift inside the graph: the hook then asks for no
+    /// tensor, and the step runs without the graph splits a callback costs.
+    fn use_control_vector(&mut self, on: bool) -> Result<()> {
+        if on == self.control_vector {
+            return Ok(());
+        }
+        if on {
+            let steering = self.ctx.hook().steering();
+            let data = steering.as_control_vector(self.model.n_embd());
+            let (first, last) = (steering.first_layer() as i32, *steering.layers.last().expect("steered layers") as i32);
+            self.ctx.set_control_vector(Some((&data, self.model.n_embd(), first, last)))?;
+        } else {
+            self.ctx.set_control_vector(None)?;
+        }
+        self.ctx.hook_mut().set_shift_enabled(!on);
+        self.control_vector = on;
         Ok(())
     }
 
