@@ -136,11 +136,6 @@ impl<'c, 'm> Engine<'c, 'm> {
         self.max_rows = rows.max(1);
     }
 
-    /// Context tokens each request has for its prompt and answer.
-    pub fn room(&self) -> usize {
-        self.room
-    }
-
     pub fn stats(&self) -> RunStats {
         self.stats
     }

@@ -33,9 +33,8 @@ pub fn backend() -> &'static LlamaBackend {
 pub struct Model {
     inner: LlamaModel,
     pub path: PathBuf,
-    /// Adapter files and scales, in the order given.
-    pub loras: Vec<(PathBuf, f32)>,
-    adapters: Vec<NonNull<sys::llama_adapter_lora>>,
+    /// LoRA adapters and their scales, in the order given.
+    adapters: Vec<(NonNull<sys::llama_adapter_lora>, f32)>,
 }
 
 // SAFETY: llama.cpp models and adapters are read-only once loaded; contexts on
@@ -81,7 +80,7 @@ impl Model {
         // SAFETY: `LlamaModel` is `#[repr(transparent)]` over a non-null
         // `llama_model` pointer that it frees on drop; we hand it ownership.
         let inner: LlamaModel = unsafe { std::mem::transmute::<NonNull<sys::llama_model>, LlamaModel>(raw) };
-        Ok(Model { inner, path: path.to_path_buf(), loras: Vec::new(), adapters: Vec::new() })
+        Ok(Model { inner, path: path.to_path_buf(), adapters: Vec::new() })
     }
 
     /// Adds a LoRA adapter (llama.cpp's LoRA GGUF), applied with `scale` by
@@ -100,8 +99,7 @@ impl Model {
                 self.path.display()
             )
         })?;
-        self.adapters.push(adapter);
-        self.loras.push((path.to_path_buf(), scale));
+        self.adapters.push((adapter, scale));
         Ok(())
     }
 
@@ -396,8 +394,8 @@ impl<'m, H: LayerHook> Context<'m, H> {
             anyhow!("llama.cpp could not create a context (n_ctx {}, n_batch {}); try a smaller --ctx-size", params.n_ctx, params.n_batch)
         })?;
         if !model.adapters.is_empty() {
-            let mut adapters: Vec<*mut sys::llama_adapter_lora> = model.adapters.iter().map(|a| a.as_ptr()).collect();
-            let mut scales: Vec<f32> = model.loras.iter().map(|(_, s)| *s).collect();
+            let (mut adapters, mut scales): (Vec<*mut sys::llama_adapter_lora>, Vec<f32>) =
+                model.adapters.iter().map(|(a, s)| (a.as_ptr(), *s)).unzip();
             // SAFETY: the adapters belong to this context's model; llama.cpp copies both arrays.
             let rc = unsafe { sys::llama_set_adapters_lora(raw.as_ptr(), adapters.as_mut_ptr(), adapters.len(), scales.as_mut_ptr()) };
             if rc != 0 {
@@ -673,15 +671,20 @@ impl GgufFile {
         (0..n).map(|i| unsafe { cstr(sys::gguf_get_tensor_name(self.gguf.as_ptr(), i)) }).collect()
     }
 
-    /// Any tensor's values as F32 (dequantized), with its shape `ne`.
-    pub fn tensor_dequantized(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+    fn tensor(&self, name: &str) -> Result<&sys::ggml_tensor> {
         let cname = CString::new(name)?;
         let t = unsafe { sys::ggml_get_tensor(self.tensors, cname.as_ptr()) };
         if t.is_null() {
             bail!("tensor {name} is missing");
         }
-        let tensor = unsafe { &*t };
-        let dims = unsafe { sys::ggml_n_dims(t) } as usize;
+        // SAFETY: owned by the ggml context, which lives as long as `self`.
+        Ok(unsafe { &*t })
+    }
+
+    /// Any tensor's values as F32 (dequantized), with its shape `ne`.
+    pub fn tensor_dequantized(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let tensor = self.tensor(name)?;
+        let dims = unsafe { sys::ggml_n_dims(tensor) } as usize;
         let shape: Vec<usize> = tensor.ne[..dims].iter().map(|&n| n as usize).collect();
         let (row_len, rows) = (shape[0], shape[1..].iter().product::<usize>());
         let mut out = vec![0f32; row_len * rows];
@@ -699,16 +702,11 @@ impl GgufFile {
 
     /// A 1-D F32 tensor's values.
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let cname = CString::new(name)?;
-        let t = unsafe { sys::ggml_get_tensor(self.tensors, cname.as_ptr()) };
-        if t.is_null() {
-            bail!("tensor {name} is missing");
-        }
-        let tensor = unsafe { &*t };
+        let tensor = self.tensor(name)?;
         if tensor.type_ != sys::GGML_TYPE_F32 {
             bail!("tensor {name} is not F32");
         }
-        if unsafe { sys::ggml_n_dims(t) } != 1 {
+        if unsafe { sys::ggml_n_dims(tensor) } != 1 {
             bail!("tensor {name} is not one-dimensional");
         }
         let n = tensor.ne[0] as usize;

@@ -5,10 +5,14 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc as std_mpsc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::Result;
+use anyhow::{bail, Context as _, Result};
 use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -70,10 +74,11 @@ impl Live {
         }
         self.text.push_str(text);
         // Text before `sent` held no stop string, nor the start of one.
-        let end = match self.stop.iter().filter_map(|s| self.text.find(s.as_str())).min() {
+        let unsent = &self.text[self.sent..];
+        let end = match self.stop.iter().filter_map(|s| unsent.find(s.as_str())).min() {
             Some(at) => {
                 self.stopped = true;
-                at.max(self.sent)
+                self.sent + at
             }
             None => self.text.len() - self.held_back(),
         };
@@ -208,8 +213,18 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// The client's fault.
+    fn invalid(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into(), kind: "invalid_request_error", code: None }
+    }
+
+    /// The server's fault.
+    fn server(status: StatusCode, message: &str) -> ApiError {
+        ApiError { status, message: message.into(), kind: "server_error", code: None }
+    }
+
     fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", code: None }
+        ApiError::invalid(StatusCode::BAD_REQUEST, message)
     }
 
     fn with_code(mut self, code: &'static str) -> ApiError {
@@ -253,7 +268,7 @@ pub fn router(jobs: std_mpsc::SyncSender<Job>, options: ServeOptions) -> Router 
         .route("/models", get(models))
         .route_layer(middleware::from_fn_with_state(options.api_key, check_api_key));
     api.route("/health", get(|| async { Json(json!({"status": "ok"})) }))
-        .fallback(|| async { ApiError { status: StatusCode::NOT_FOUND, message: "no such endpoint".into(), kind: "invalid_request_error", code: None } })
+        .fallback(|| async { ApiError::invalid(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(state)
 }
 
@@ -261,13 +276,9 @@ async fn check_api_key(State(key): State<Option<String>>, request: Request, next
     if let Some(key) = key {
         let given = request.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         if given != Some(key.as_str()) {
-            return ApiError {
-                status: StatusCode::UNAUTHORIZED,
-                message: "invalid or missing API key: send Authorization: Bearer <key>".into(),
-                kind: "invalid_request_error",
-                code: Some("invalid_api_key"),
-            }
-            .into_response();
+            return ApiError::invalid(StatusCode::UNAUTHORIZED, "invalid or missing API key: send Authorization: Bearer <key>")
+                .with_code("invalid_api_key")
+                .into_response();
         }
     }
     next.run(request).await
@@ -463,13 +474,8 @@ async fn respond(state: AppState, input: Input, options: Options, kind: Kind) ->
     let sampling = options.sampling()?;
     let (replies, mut rx) = mpsc::unbounded_channel();
     let job = Job { input, sampling, stop: options.stop(), replies };
-    state.jobs.try_send(job).map_err(|_| ApiError {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        message: "the server is busy or shutting down; retry later".into(),
-        kind: "server_error",
-        code: None,
-    })?;
-    let engine_gone = || ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: "the engine stopped".into(), kind: "server_error", code: None };
+    state.jobs.try_send(job).map_err(|_| ApiError::server(StatusCode::SERVICE_UNAVAILABLE, "the server is busy or shutting down; retry later"))?;
+    let engine_gone = || ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped");
     let (gate, steered, prompt_tokens) = match rx.recv().await.ok_or_else(engine_gone)? {
         Reply::Started { gate, steered, prompt_tokens } => (gate, steered, prompt_tokens),
         Reply::Rejected(e) => return Err(e),
@@ -572,5 +578,46 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// An `inferalign serve` process on a free loopback port, killed when
+/// dropped: what load tests and integration tests talk to.
+pub struct ServerProcess {
+    pub child: Child,
+    pub url: String,
+}
+
+impl ServerProcess {
+    /// Runs `exe serve --port 0 ARGS` and waits for its "serving ... on http://ADDR" line.
+    pub fn start<S: AsRef<OsStr>>(exe: &Path, args: impl IntoIterator<Item = S>) -> Result<ServerProcess> {
+        let mut child = Command::new(exe)
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {} serve", exe.display()))?;
+        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let mut log = Vec::new();
+        for line in lines.by_ref() {
+            let line = line?;
+            if let Some((_, rest)) = line.split_once(" on http://") {
+                let url = format!("http://{}", rest.split_whitespace().next().unwrap_or_default());
+                // Keep draining stderr so the server never blocks on a full pipe.
+                std::thread::spawn(move || lines.for_each(drop));
+                return Ok(ServerProcess { child, url });
+            }
+            log.push(line);
+        }
+        let _ = child.wait();
+        bail!("inferalign serve did not start:\n{}", log.join("\n"))
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

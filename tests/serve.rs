@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::{Server, QWEN};
+use common::{start_server, QWEN};
 use inferalign::prompts::read_prompts;
 
 fn harmless(n: usize) -> Vec<String> {
@@ -43,7 +43,7 @@ fn steered(reply: &Value) -> bool {
 
 #[test]
 fn each_request_in_a_shared_batch_is_gated_on_its_own() {
-    let server = Server::start(QWEN, &["--parallel", "2"]);
+    let server = start_server(QWEN, &["--parallel", "2"]);
     for (harmless, harmful) in harmless(3).iter().zip(&harmful(3)) {
         let alone = chat(&server.url, harmless, 40);
         assert!(!steered(&alone), "the gate fired on {harmless:?}");
@@ -78,7 +78,7 @@ fn expect_error(url: &str, key: Option<&str>, body: &str) -> (u16, Value) {
 
 #[test]
 fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
-    let server = Server::start(QWEN, &["--parallel", "2", "-c", "1024", "--api-key", "s3cret"]);
+    let server = start_server(QWEN, &["--parallel", "2", "-c", "1024", "--api-key", "s3cret"]);
     let good = chat_body("Say hello.", 4).to_string();
     let long_prompt = chat_body(&"lorem ipsum ".repeat(400), 4).to_string();
     let cases: [(Option<&str>, &str, u16, &str); 8] = [
@@ -131,7 +131,7 @@ fn start_stream(url: &str, prompt: &str, max_tokens: usize, n: usize) -> impl Bu
 #[test]
 fn a_client_that_disconnects_frees_its_slot() {
     // One slot: if the abandoned request kept it, the next would wait for 2000 tokens.
-    let server = Server::start(QWEN, &["--parallel", "1"]);
+    let server = start_server(QWEN, &["--parallel", "1"]);
     let stream = start_stream(&server.url, "Write a very long story about a lighthouse keeper.", 2000, 3);
     drop(stream);
     let started = Instant::now();
@@ -149,7 +149,7 @@ fn a_client_that_disconnects_frees_its_slot() {
 
 #[test]
 fn sigterm_finishes_requests_in_flight_then_exits() {
-    let mut server = Server::start(QWEN, &["--parallel", "1"]);
+    let mut server = start_server(QWEN, &["--parallel", "1"]);
     let mut stream = start_stream(&server.url, "Count from one to twenty in words.", 48, 2);
     let status = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
     assert!(status.success());
@@ -167,7 +167,7 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
 
 #[test]
 fn the_openai_python_client_chats_plain_and_streamed() {
-    let server = Server::start(QWEN, &["--parallel", "2", "--api-key", "k"]);
+    let server = start_server(QWEN, &["--parallel", "2", "--api-key", "k"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
     let (harmless, harmful) = (&harmless(1)[0], &harmful(1)[0]);
     let out = Command::new("python3").args([script, &server.url, "k", harmless, harmful]).output().expect("run python3");
@@ -198,7 +198,7 @@ fn curl(args: &[&str]) -> String {
 
 #[test]
 fn curl_chats_plain_and_streamed() {
-    let server = Server::start(QWEN, &["--parallel", "2"]);
+    let server = start_server(QWEN, &["--parallel", "2"]);
     let url = format!("{}/v1/chat/completions", server.url);
     let body = chat_body(&harmful(1)[0], 16);
     let headers = curl(&["-D", "-", "-o", "/dev/null", &url, "-d", &body.to_string()]);

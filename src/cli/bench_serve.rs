@@ -3,8 +3,6 @@
 //! clients; greedy answers must match exactly, so a lost or mixed-up response
 //! shows as a mismatch.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -15,6 +13,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use inferalign::prompts::read_prompts;
+use inferalign::server::ServerProcess;
 
 use super::ModelArgs;
 
@@ -37,39 +36,6 @@ pub struct ServeBench {
     /// Print one JSON object
     #[arg(long)]
     json: bool,
-}
-
-/// The server under test, stopped when dropped.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    fn start(args: &ServeBench) -> Result<Server> {
-        let mut command = Command::new(std::env::current_exe()?);
-        command.args(["serve", "--port", "0", "--parallel", &args.parallel.to_string()]).args(args.model.as_args());
-        let mut child = command.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().context("cannot start inferalign serve")?;
-        let stderr = BufReader::new(child.stderr.take().expect("piped"));
-        let mut log = Vec::new();
-        for line in stderr.lines() {
-            let line = line?;
-            if let Some(rest) = line.split_once("on http://").map(|(_, r)| r) {
-                let url = format!("http://{}", rest.split_whitespace().next().unwrap_or_default());
-                return Ok(Server { child, url });
-            }
-            log.push(line);
-        }
-        let _ = child.wait();
-        bail!("inferalign serve did not start:\n{}", log.join("\n"))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 struct Answer {
@@ -138,7 +104,9 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
     let harmful = read_prompts(&inferalign::cache::data_file("advbench.jsonl"))?;
     let prompts: Vec<String> =
         (0..args.requests).map(|i| if i % 4 == 3 { harmful[i % harmful.len()].clone() } else { harmless[i % harmless.len()].clone() }).collect();
-    let server = Server::start(&args)?;
+    let mut server_args: Vec<std::ffi::OsString> = vec!["--parallel".into(), args.parallel.to_string().into()];
+    server_args.extend(args.model.as_args());
+    let server = ServerProcess::start(&std::env::current_exe()?, server_args)?;
     eprintln!("server at {}; {} requests one at a time, then from {} clients", server.url, prompts.len(), args.clients);
     let (alone, alone_answers) = pass(&server.url, &prompts, 1, args.max_tokens);
     let (together, together_answers) = pass(&server.url, &prompts, args.clients, args.max_tokens);

@@ -123,46 +123,9 @@ pub fn quick_gate(name: &str) -> PathBuf {
     out
 }
 
-/// `inferalign serve` on a free loopback port, killed when dropped.
-pub struct Server {
-    pub child: std::process::Child,
-    pub url: String,
-}
-
-impl Server {
-    /// Starts the server on `model` with extra arguments and waits until it listens.
-    pub fn start(model_name: &str, args: &[&str]) -> Server {
-        use std::io::{BufRead, BufReader};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_inferalign"))
-            .arg("serve")
-            .arg("-m")
-            .arg(model(model_name))
-            .args(template_args(model_name))
-            .args(["--port", "0"])
-            .args(args)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run inferalign serve");
-        let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
-        let mut log = String::new();
-        for line in stderr.by_ref() {
-            let line = line.expect("stderr");
-            if let Some((_, rest)) = line.split_once("on http://") {
-                let url = format!("http://{}", rest.split_whitespace().next().expect("address"));
-                // Keep draining stderr so the server never blocks on a full pipe.
-                std::thread::spawn(move || stderr.for_each(drop));
-                return Server { child, url };
-            }
-            log.push_str(&line);
-            log.push('\n');
-        }
-        panic!("inferalign serve did not start:\n{log}");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `inferalign serve` on `model_name` with extra arguments, listening on a free loopback port.
+pub fn start_server(model_name: &str, args: &[&str]) -> inferalign::server::ServerProcess {
+    let mut all = vec!["-m".to_string(), model(model_name).display().to_string()];
+    all.extend(template_args(model_name).iter().chain(args).map(|a| a.to_string()));
+    inferalign::server::ServerProcess::start(Path::new(env!("CARGO_BIN_EXE_inferalign")), all).expect("start inferalign serve")
 }
