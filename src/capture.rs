@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use indicatif::ProgressBar;
 use ndarray::Array3;
 
-use crate::llama::{Batch, BatchLayout, Context, LayerHook, LayerOutput, Model, NoHook};
+use crate::llama::{Batch, BatchLayout, Context, ContextParams, LayerHook, LayerOutput, Model, NoHook};
 
 /// Where a prompt's last token sits in the batch being decoded.
 #[derive(Clone, Copy, Debug)]
@@ -219,4 +219,18 @@ pub fn capture(
     ctx.hook_mut().begin(prompts.len());
     let stats = decode_prompts(ctx, prompts, reuse_prefix, progress)?;
     Ok((ctx.hook_mut().take(), stats))
+}
+
+/// As [`capture`], in a context of its own: what commands that only read
+/// activations need.
+pub fn capture_prompts(
+    model: &Model,
+    params: &ContextParams,
+    prompts: &[Vec<i32>],
+    layers: &[usize],
+    progress: &ProgressBar,
+) -> Result<(Array3<f32>, DecodeStats)> {
+    let mut ctx = Context::new(model, params, CaptureHook::new(model, layers), true)?;
+    progress.set_length(prompts.len() as u64);
+    capture(&mut ctx, prompts, true, progress)
 }

@@ -10,9 +10,9 @@ use indicatif::ProgressBar;
 use ndarray::{s, Axis};
 use sha2::{Digest, Sha256};
 
-use crate::capture::{capture, CaptureHook, DecodeStats};
+use crate::capture::{capture_prompts, DecodeStats};
 use crate::gate::{choose_gate_layer, fit_layer, LayerActs};
-use crate::llama::{Context, ContextParams, Model};
+use crate::llama::{ContextParams, Model};
 use crate::prompts::{prepare, Template};
 use crate::vectors::{Calibration, DataIdentity, DataSet, LayerStats, ModelIdentity, VectorFile};
 
@@ -52,9 +52,7 @@ pub fn extract(
     let tokens = prepare(model, template, &all, params.n_ctx as usize)?;
 
     let layers = steerable_layers(model);
-    let mut ctx = Context::new(model, params, CaptureHook::new(model, &layers), true)?;
-    progress.set_length(all.len() as u64);
-    let (acts, stats) = capture(&mut ctx, &tokens, true, progress)?;
+    let (acts, stats) = capture_prompts(model, params, &tokens, &layers, progress)?;
 
     let mut bounds = Vec::new();
     let mut start = 0;
@@ -127,6 +125,7 @@ pub fn vector_file(model: &Model, extraction: &Extraction, data: DataIdentity) -
             kind: "srv".into(),
             tool_version: env!("CARGO_PKG_VERSION").into(),
             gate_layer: extraction.gate_layer,
+            robust_rho: None,
             layers: extraction.layers.clone(),
             model: identity,
             data,

@@ -129,3 +129,48 @@ pub fn choose_gate_layer(stats: &[LayerStats]) -> usize {
         .map(|s| s.layer)
         .expect("at least one layer")
 }
+
+/// Share of labelled prompts whose decision is right and survives any change of
+/// the activation of L2 norm up to `rho`. The direction is a unit vector, so a
+/// perturbation moves the score by at most its norm: the decision is certified
+/// when the score is on the right side by more than `rho`.
+pub fn robust_accuracy(harmful_proj: &[f32], harmless_proj: &[f32], bias: f32, rho: f32) -> f32 {
+    let right = harmful_proj.iter().filter(|&&p| p + bias > rho).count()
+        + harmless_proj.iter().filter(|&&p| p + bias < -rho).count();
+    right as f32 / (harmful_proj.len() + harmless_proj.len()).max(1) as f32
+}
+
+/// The bias that certifies the most decisions at `rho`, in the middle of the
+/// widest interval of such biases (the most slack on both sides).
+pub fn robust_bias(harmful_proj: &[f32], harmless_proj: &[f32], rho: f32) -> f32 {
+    // Robust accuracy only changes where a harmful prompt's score reaches +rho
+    // (b = rho - p) or a harmless one's reaches -rho (b = -rho - p).
+    let mut cuts: Vec<f32> = harmful_proj.iter().map(|p| rho - p).chain(harmless_proj.iter().map(|p| -rho - p)).collect();
+    cuts.sort_by(f32::total_cmp);
+    cuts.dedup();
+    let Some((&first, &last)) = cuts.first().zip(cuts.last()) else { return 0.0 };
+    let mut best = (robust_accuracy(harmful_proj, harmless_proj, first - 1.0, rho), 0.0, first - 1.0);
+    let bounded = cuts.windows(2).map(|w| (w[1] - w[0], 0.5 * (w[0] + w[1])));
+    for (width, bias) in bounded.chain([(0.0, last + 1.0)]) {
+        let candidate = (robust_accuracy(harmful_proj, harmless_proj, bias, rho), width, bias);
+        if candidate.0 > best.0 || (candidate.0 == best.0 && candidate.1 > best.1) {
+            best = candidate;
+        }
+    }
+    best.2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn robust_bias_centres_the_widest_certified_gap() {
+        let (harmful, harmless) = ([3.0, 4.0], [-1.0, 0.0]);
+        // Accuracy is certified at rho = 1 for b in (-2, -1): the middle is -1.5.
+        assert_eq!(robust_bias(&harmful, &harmless, 1.0), -1.5);
+        assert_eq!(robust_accuracy(&harmful, &harmless, -1.5, 1.0), 1.0);
+        assert_eq!(robust_accuracy(&harmful, &harmless, -1.5, 1.6), 0.5);
+        assert_eq!(robust_accuracy(&harmful, &harmless, -1.5, 2.6), 0.0);
+    }
+}

@@ -7,12 +7,14 @@
 //! - [`gate`] decides from one layer whether a request is harmful,
 //! - [`steer`] is the hook where the gate decides and the shift happens,
 //! - [`generate`] batches requests (continuous batching), [`server`] serves them over HTTP,
+//! - [`drift`] measures how far a fine-tune moved from its aligned parent,
 //! - [`vectors`] reads and writes llama.cpp control-vector GGUF files,
 //! - [`llama`] is the only place that calls llama.cpp unsafely.
 
 pub mod cache;
 pub mod capi;
 pub mod capture;
+pub mod drift;
 pub mod eval;
 pub mod extract;
 pub mod gate;

@@ -61,6 +61,9 @@ pub struct Calibration {
     pub kind: String,
     pub tool_version: String,
     pub gate_layer: usize,
+    /// Set by `calibrate --robust`: the gate's decisions on its calibration
+    /// prompts were chosen to hold under activation changes of this L2 norm.
+    pub robust_rho: Option<f32>,
     pub layers: Vec<LayerStats>,
     pub model: ModelIdentity,
     pub data: DataIdentity,
@@ -219,6 +222,9 @@ fn write_calibration(w: &mut GgufWriter, cal: &Calibration) {
     w.set(&key("kind"), s(&cal.kind));
     w.set(&key("tool_version"), s(&cal.tool_version));
     w.set(&key("gate.layer"), GgufValue::U32(cal.gate_layer as u32));
+    if let Some(rho) = cal.robust_rho {
+        w.set(&key("gate.robust_rho"), GgufValue::F32(rho));
+    }
     w.set(&key("gate.bias"), per_layer(cal, |l| l.bias));
     w.set(&key("gate.accuracy"), per_layer(cal, |l| l.accuracy));
     w.set(&key("gate.tpr"), per_layer(cal, |l| l.tpr));
@@ -319,10 +325,16 @@ fn read_calibration(file: &GgufFile, directions: &BTreeMap<usize, Vec<f32>>) -> 
         bail!("its gate layer {gate_layer} has no direction");
     }
     let seed = r.uint("data.seed").ok();
+    let robust_rho = match file.get(&key("gate.robust_rho")) {
+        Some(GgufValue::F32(rho)) if rho.is_finite() && rho >= 0.0 => Some(rho),
+        Some(_) => bail!("metadata {} is not a finite, non-negative float", key("gate.robust_rho")),
+        None => None,
+    };
     Ok(Calibration {
         kind: r.str("kind")?,
         tool_version: r.str("tool_version")?,
         gate_layer,
+        robust_rho,
         layers,
         model,
         data: DataIdentity {

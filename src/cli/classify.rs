@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use inferalign::capture::{capture, CaptureHook};
+use inferalign::capture::capture_prompts;
 use inferalign::gate::Gate;
-use inferalign::llama::Context;
 use inferalign::prompts::{prepare, preview, read_prompts};
 use inferalign::vectors::VectorFile;
 
@@ -48,9 +47,8 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
     let template = args.model.template(&model, recorded)?;
     let tokens = prepare(&model, &template, &prompts, args.model.ctx_size as usize)?;
 
-    let mut ctx = Context::new(&model, &args.model.context_params(), CaptureHook::new(&model, &[gate.layer]), true)?;
     let bar = progress(prompts.len() as u64, "classify");
-    let (acts, _) = capture(&mut ctx, &tokens, true, &bar)?;
+    let (acts, _) = capture_prompts(&model, &args.model.context_params(), &tokens, &[gate.layer], &bar)?;
     bar.finish_and_clear();
 
     let mut flagged = 0;

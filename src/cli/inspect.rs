@@ -58,6 +58,9 @@ pub fn run(args: InspectArgs) -> Result<()> {
     if let Some(seed) = cal.data.seed {
         println!("seed:        {seed}");
     }
+    if let Some(rho) = cal.robust_rho {
+        println!("robust:      bias and layer certified against activation changes up to L2 norm {rho} (calibrate --robust)");
+    }
     print_layer_table(cal);
     Ok(())
 }

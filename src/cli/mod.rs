@@ -2,8 +2,10 @@
 
 mod bench;
 mod bench_serve;
+mod calibrate;
 mod chat;
 mod classify;
+mod drift;
 mod eval;
 mod extract;
 mod generate;
@@ -49,6 +51,11 @@ enum Command {
     JudgeCheck(judge_check::JudgeCheckArgs),
     /// OpenAI-compatible HTTP server; each request is gated on its own, even in a shared batch
     Serve(serve::ServeArgs),
+    /// Re-fit a gate's bias and layer for a target model, optionally certified against activation drift
+    Calibrate(calibrate::CalibrateArgs),
+    /// Harmful embedding drift: how far a fine-tune's hidden states moved from its aligned parent's, per layer
+    #[command(mut_arg("model", |a| a.long("target").value_name("TARGET").help("The target GGUF: a fine-tune of the aligned model, or the aligned model itself with --lora")))]
+    Drift(drift::DriftArgs),
     /// Measure speed against plain llama.cpp work on the same model, in one run
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -65,6 +72,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sweep(args) => sweep::run(args),
         Command::JudgeCheck(args) => judge_check::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Calibrate(args) => calibrate::run(args),
+        Command::Drift(args) => drift::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

@@ -1,0 +1,144 @@
+//! `inferalign drift`: the same token ids through an aligned model and its
+//! fine-tune; how far the fine-tune's hidden states moved, per layer.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _, Result};
+use clap::Args;
+
+use inferalign::capture::capture_prompts;
+use inferalign::drift::{measure, Drift};
+use inferalign::extract::{model_identity, steerable_layers};
+use inferalign::gate::Gate;
+use inferalign::llama::{LoadOptions, Model};
+use inferalign::plot;
+use inferalign::prompts::{prepare, read_prompts};
+use inferalign::vectors::VectorFile;
+
+use super::{progress, ModelArgs};
+
+#[derive(Args)]
+pub struct DriftArgs {
+    /// The aligned parent model (GGUF)
+    #[arg(long)]
+    aligned: PathBuf,
+    /// The target: a fine-tune of the aligned model, or the aligned model with --lora
+    #[command(flatten)]
+    target: ModelArgs,
+    /// Prompts both models read (text, JSONL or CSV), formatted with the chat template
+    #[arg(long)]
+    prompts: PathBuf,
+    /// The aligned model's vector file: safety directions and gate (default: the shipped file for the aligned model)
+    #[arg(long)]
+    vectors: Option<PathBuf>,
+    /// Print the figures as one JSON object on stdout instead of a table
+    #[arg(long)]
+    json: bool,
+    /// Folder for drift.json and drift.svg
+    #[arg(short, long)]
+    out: Option<PathBuf>,
+}
+
+/// Fails unless both models read the same tokens into the same shapes.
+fn check_compatible(aligned: &Model, target: &Model) -> Result<()> {
+    let (a, t) = (model_identity(aligned)?, model_identity(target)?);
+    let differ = |what: &str, x: &dyn std::fmt::Display, y: &dyn std::fmt::Display| -> Result<()> {
+        bail!("the models differ in {what}: {x} (aligned) vs {y} (target); drift compares a model with its own fine-tune")
+    };
+    if a.architecture != t.architecture {
+        differ("architecture", &a.architecture, &t.architecture)?;
+    }
+    if a.n_embd != t.n_embd {
+        differ("n_embd", &a.n_embd, &t.n_embd)?;
+    }
+    if a.n_layer != t.n_layer {
+        differ("layer count", &a.n_layer, &t.n_layer)?;
+    }
+    if aligned.n_vocab() != target.n_vocab() {
+        differ("vocabulary size", &aligned.n_vocab(), &target.n_vocab())?;
+    }
+    Ok(())
+}
+
+pub fn run(args: DriftArgs) -> Result<()> {
+    let prompts = read_prompts(&args.prompts)?;
+    let target = args.target.load()?;
+    let aligned = Model::load_with(&args.aligned, LoadOptions { n_gpu_layers: args.target.n_gpu_layers, weight_repack: args.target.weight_repack })?;
+    check_compatible(&aligned, &target)?;
+    let vectors_path = match &args.vectors {
+        Some(path) => path.clone(),
+        None => inferalign::shipped::vectors_for(&aligned).context("pass the aligned model's vector file with --vectors")?,
+    };
+    let vectors = VectorFile::read(&vectors_path)?;
+    vectors.check_fits(&aligned, &vectors_path)?;
+    let gate = Gate::from_file(&vectors, None, None)?;
+    let recorded = vectors.calibration.as_ref().map(|c| c.data.template.as_str());
+    let template = args.target.template(&target, recorded)?;
+
+    let n_ctx = args.target.ctx_size as usize;
+    let tokens = prepare(&target, &template, &prompts, n_ctx)?;
+    let aligned_tokens = prepare(&aligned, &template, &prompts, n_ctx)?;
+    if let Some(i) = (0..prompts.len()).find(|&i| tokens[i] != aligned_tokens[i]) {
+        bail!("the models' tokenizers differ: prompt {} reads as {} tokens on the aligned model and {} on the target", i + 1, aligned_tokens[i].len(), tokens[i].len());
+    }
+
+    let layers = steerable_layers(&target);
+    let params = args.target.context_params();
+    let bar = progress(0, "aligned");
+    let (aligned_acts, _) = capture_prompts(&aligned, &params, &tokens, &layers, &bar)?;
+    bar.finish_and_clear();
+    let bar = progress(0, "target");
+    let (target_acts, _) = capture_prompts(&target, &params, &tokens, &layers, &bar)?;
+    bar.finish_and_clear();
+    let layers: Vec<usize> = layers.into_iter().filter(|l| vectors.directions.contains_key(l)).collect();
+    let drift = measure(aligned_acts.view(), target_acts.view(), &layers, &vectors, &gate)?;
+
+    if args.json {
+        println!("{}", serde_json::to_string(&drift)?);
+    } else {
+        print_table(&drift);
+    }
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        std::fs::write(out.join("drift.json"), serde_json::to_string_pretty(&drift)?)?;
+        let series = |f: fn(&inferalign::drift::LayerDrift) -> f64| drift.layers.iter().map(|d| (d.layer as f64, f(d))).collect();
+        plot::lines(
+            &out.join("drift.svg"),
+            "drift of the target from the aligned model, per layer",
+            "layer",
+            &[
+                ("relative L2", series(|d| d.relative)),
+                ("cosine", series(|d| d.cosine)),
+                ("share along safety direction", series(|d| d.safety_share)),
+                ("share along a random direction (max of 64)", series(|d| d.random_share_max)),
+            ],
+            Some(drift.gate.layer as f64),
+        )?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn print_table(drift: &Drift) {
+    println!("{} prompts, last prompt token; theta = the aligned model's safety direction", drift.prompts);
+    println!("layer   mean L2    max L2  relative   cosine  along theta  share theta  share random");
+    for d in &drift.layers {
+        println!(
+            "{:>5} {:>9.3} {:>9.3} {:>8.1}% {:>8.4} {:>12.3} {:>12.3} {:>13.3}",
+            d.layer,
+            d.mean_l2,
+            d.max_l2,
+            100.0 * d.relative,
+            d.cosine,
+            d.along_safety,
+            d.safety_share,
+            d.random_share_max
+        );
+    }
+    let g = &drift.gate;
+    println!(
+        "gate at layer {}: mean score {:.3} (aligned) -> {:.3} (target); {} prompts no longer flagged, {} newly flagged",
+        g.layer, g.mean_score_aligned, g.mean_score_target, g.flipped_to_harmless, g.flipped_to_harmful
+    );
+    println!("sum of squared distances over layers and prompts (Vaccine's drift): {:.1}", drift.sum_squared);
+}
