@@ -12,13 +12,13 @@ use serde_json::json;
 use inferalign::eval::{self, held_out, jailbreak_items, read_jailbreaks, read_tasks, summarise, task_items, Outcome, Set};
 use inferalign::extract::model_identity;
 use inferalign::generate::{self, Event};
-use inferalign::llama::Context;
+use inferalign::llama::{Context, Model};
 use inferalign::plot;
 use inferalign::prompts::prepare;
-use inferalign::steer::Mode;
+use inferalign::steer::{Mode, SteerHook, Steering};
 
 use super::generate::SamplingArgs;
-use super::steer_args::{ModeArg, Resolved, SteerArgs};
+use super::steer_args::{Resolved, SteerArgs};
 use super::{progress, ModelArgs};
 
 #[derive(Args)]
@@ -46,8 +46,8 @@ pub struct EvalArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Set::Harmful, Set::Harmless, Set::Jailbreak, Set::Tasks])]
     sets: Vec<Set>,
     /// Modes to compare
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ModeArg::Plain, ModeArg::Always, ModeArg::Gated])]
-    modes: Vec<ModeArg>,
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [EvalMode::Plain, EvalMode::Always, EvalMode::Gated])]
+    modes: Vec<EvalMode>,
     /// Requests decoded together; 1 keeps closed-gate answers token-identical to plain
     /// (llama.cpp's CPU kernels round differently with the batch's make-up)
     #[arg(long, default_value_t = 1)]
@@ -57,6 +57,46 @@ pub struct EvalArgs {
     /// Output folder: outputs.jsonl (incremental, resumable), report.json, report.md, plots
     #[arg(short, long)]
     out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum EvalMode {
+    /// No hook at all
+    Plain,
+    /// Shift every request with the steering vectors
+    Always,
+    /// Gate, then steer with --steer (default: the gate file's own vectors)
+    Gated,
+    /// Gate, then steer with the gate file's own vectors (the target's SRV), whatever --steer says
+    SelfGuided,
+    /// Gate with the target's SRV (--gate), steer with the aligned model's SSV (--steer)
+    CrossModel,
+}
+
+const MODE_NAMES: [&str; 5] = ["plain", "always", "gated", "self-guided", "cross-model"];
+
+impl EvalMode {
+    fn name(self) -> &'static str {
+        MODE_NAMES[self as usize]
+    }
+
+    fn hook(self, resolved: &Resolved, model: &Model, n_seq: usize) -> Result<SteerHook> {
+        match self {
+            EvalMode::Plain => resolved.hook_for(Mode::Plain, n_seq),
+            EvalMode::Always => resolved.hook_for(Mode::Always, n_seq),
+            EvalMode::Gated => resolved.hook_for(Mode::Gated, n_seq),
+            EvalMode::SelfGuided => {
+                let own = Steering::new(&resolved.gate_file, resolved.steering.alpha, &resolved.steering.layers, model.n_layer())?;
+                SteerHook::new(Mode::Gated, Some(resolved.gate.clone()), own, n_seq)
+            }
+            EvalMode::CrossModel => {
+                if resolved.steer_path == resolved.gate_path {
+                    bail!("mode cross-model steers with another model's vectors: pass the aligned model's file with --steer");
+                }
+                resolved.hook_for(Mode::Gated, n_seq)
+            }
+        }
+    }
 }
 
 pub fn repo_data(name: &str) -> PathBuf {
@@ -118,9 +158,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let tokens = prepare(&model, &template, &items.iter().map(|i| i.prompt.clone()).collect::<Vec<_>>(), args.model.ctx_size as usize)?;
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(args.out.join("outputs.jsonl"))?;
 
-    for &mode_arg in &args.modes {
-        let mode: Mode = mode_arg.into();
-        let name = mode_name(mode);
+    for &mode in &args.modes {
+        let name = mode.name();
         let todo: Vec<usize> = (0..items.len()).filter(|&i| !done.contains(&(name.to_string(), items[i].set, items[i].index))).collect();
         if todo.is_empty() {
             eprintln!("{name}: all {} prompts already done", items.len());
@@ -128,7 +167,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
         let mut params_ctx = args.model.context_params();
         params_ctx.n_seq_max = params_ctx.n_seq_max.max(args.parallel as u32);
-        let mut ctx = Context::new(&model, &params_ctx, resolved.hook_for(mode, args.parallel)?, mode != Mode::Plain)?;
+        let mut ctx = Context::new(&model, &params_ctx, mode.hook(&resolved, &model, args.parallel)?, mode != EvalMode::Plain)?;
         let bar = progress(todo.len() as u64, name);
         let prompts: Vec<Vec<i32>> = todo.iter().map(|&i| tokens[i].clone()).collect();
         let mut write_error = None;
@@ -174,14 +213,6 @@ pub fn run(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Plain => "plain",
-        Mode::Always => "always",
-        Mode::Gated => "gated",
-    }
-}
-
 fn read_json(path: &Path) -> Option<serde_json::Value> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
@@ -219,7 +250,7 @@ fn report_markdown(figures: &Figures, speeds: &serde_json::Value, resolved: &Res
     md.push_str(&format!("# inferalign eval\n\n{}\n\n", resolved.describe()));
     md.push_str("| mode | harmful ASR | jailbreak ASR | harmless refusal | degenerate | task accuracy | gate TPR | gate FPR | prompt tok/s | gen tok/s |\n");
     md.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
-    for mode in ["plain", "always", "gated"] {
+    for mode in MODE_NAMES {
         let Some(sets) = figures.get(mode) else { continue };
         let get = |set: &str| sets.get(set);
         let total: usize = sets.values().map(|f| f.n).sum();
@@ -253,7 +284,9 @@ fn plots(out: &Path, figures: &Figures, outcomes: &[Outcome], resolved: &Resolve
             Some(cal.gate_layer as f64),
         )?;
     }
-    let scores = |set: Set| outcomes.iter().filter(|o| o.mode == "gated" && o.set == set).filter_map(|o| o.gate.map(|g| g.score)).collect::<Vec<_>>();
+    // Every gated mode runs the same gate: one mode's scores show it.
+    let gated = MODE_NAMES[2..].iter().find(|&&m| outcomes.iter().any(|o| o.mode == m)).copied().unwrap_or_default();
+    let scores = |set: Set| outcomes.iter().filter(|o| o.mode == gated && o.set == set).filter_map(|o| o.gate.map(|g| g.score)).collect::<Vec<_>>();
     let (harmful, harmless) = (scores(Set::Harmful), scores(Set::Harmless));
     if !harmful.is_empty() || !harmless.is_empty() {
         plot::histogram(
@@ -263,7 +296,7 @@ fn plots(out: &Path, figures: &Figures, outcomes: &[Outcome], resolved: &Resolve
         )?;
     }
     let metrics = ["harmful ASR", "jailbreak ASR", "harmless refusal", "task accuracy"];
-    let modes: Vec<(&str, Vec<f64>)> = ["plain", "always", "gated"]
+    let modes: Vec<(&str, Vec<f64>)> = MODE_NAMES
         .iter()
         .filter_map(|&m| {
             let sets = figures.get(m)?;
@@ -279,5 +312,5 @@ fn plots(out: &Path, figures: &Figures, outcomes: &[Outcome], resolved: &Resolve
             ))
         })
         .collect();
-    plot::grouped_bars(&out.join("modes.svg"), "plain vs always-on vs gated", &metrics, &modes)
+    plot::grouped_bars(&out.join("modes.svg"), "modes on the same prompts", &metrics, &modes)
 }
