@@ -23,26 +23,39 @@ pub struct Sampling {
     pub top_k: i32,
     pub top_p: f32,
     pub seed: u32,
+    /// DRY repetition penalty (multiplier; 0 is off) on steered answers only:
+    /// the shift can trap a small model in a refusal that repeats itself.
+    pub steered_dry: f32,
 }
+
+/// The DRY multiplier llama.cpp's documentation suggests.
+pub const DEFAULT_STEERED_DRY: f32 = 0.8;
+/// Tokens DRY looks back over (llama.cpp clamps -1, "whole context", to off).
+const DRY_WINDOW: i32 = 1024;
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { max_tokens: 128, temperature: 0.0, top_k: 40, top_p: 0.95, seed: 42 }
+        Sampling { max_tokens: 128, temperature: 0.0, top_k: 40, top_p: 0.95, seed: 42, steered_dry: DEFAULT_STEERED_DRY }
     }
 }
 
 impl Sampling {
-    /// None for greedy decoding, which is a plain argmax over the logits.
-    fn sampler(&self) -> Option<LlamaSampler> {
-        if self.temperature <= 0.0 {
-            return None;
-        }
-        Some(LlamaSampler::chain_simple([
-            LlamaSampler::top_k(self.top_k),
-            LlamaSampler::top_p(self.top_p, 1),
-            LlamaSampler::temp(self.temperature),
-            LlamaSampler::dist(self.seed),
-        ]))
+    /// None for greedy decoding of an unsteered request, a plain argmax over the logits.
+    fn sampler(&self, model: &Model, steered: bool) -> Option<LlamaSampler> {
+        let dry = (steered && self.steered_dry > 0.0)
+            .then(|| LlamaSampler::dry(model.llama(), self.steered_dry, 1.75, 2, DRY_WINDOW, ["\n", ":", "\"", "*"]));
+        let pick = if self.temperature <= 0.0 {
+            dry.as_ref()?;
+            vec![LlamaSampler::greedy()]
+        } else {
+            vec![
+                LlamaSampler::top_k(self.top_k),
+                LlamaSampler::top_p(self.top_p, 1),
+                LlamaSampler::temp(self.temperature),
+                LlamaSampler::dist(self.seed),
+            ]
+        };
+        Some(LlamaSampler::chain_simple(dry.into_iter().chain(pick)))
     }
 }
 
@@ -186,7 +199,8 @@ impl<'c, 'm> Engine<'c, 'm> {
         }
         self.stats.prompt_tokens += prompt.len() * passes;
         let hook = ctx.hook();
-        on_event(Event::Started { request: id, gate: hook.decision(seq), steered: hook.is_steered(seq) });
+        let steered = hook.is_steered(seq);
+        on_event(Event::Started { request: id, gate: hook.decision(seq), steered });
         self.slots[seq] = Some(Slot {
             id,
             prompt_len: prompt.len(),
@@ -194,7 +208,7 @@ impl<'c, 'm> Engine<'c, 'm> {
             tokens: Vec::new(),
             bytes: Vec::new(),
             emitted: 0,
-            sampler: sampling.sampler(),
+            sampler: sampling.sampler(self.model, steered),
             logits_row: (batch.len() - 1) as i32,
             budget: sampling.max_tokens.min(self.room - prompt.len()),
         });

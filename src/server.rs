@@ -379,6 +379,7 @@ impl Options {
             top_k: self.top_k.unwrap_or(40),
             top_p,
             seed: self.seed.map_or_else(rand::random, |s| s as u32),
+            ..Sampling::default()
         })
     }
 

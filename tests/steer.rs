@@ -129,7 +129,8 @@ fn our_shift_matches_llama_control_vectors(name: &str, layers: &[usize]) {
     let setup = setup(name);
     let harmful: Vec<String> = read_prompts(&common::advbench()).unwrap().into_iter().skip(100).take(3).collect();
     let tokens = setup.tokens(&[harmful, harmless_probes(3)].concat());
-    let sampling = Sampling { max_tokens: 24, ..Sampling::default() };
+    // llama.cpp's path runs as an unsteered request, so no steered-only sampler on ours either.
+    let sampling = Sampling { max_tokens: 24, steered_dry: 0.0, ..Sampling::default() };
     let params = ContextParams::default();
     let ours = setup.generate(setup.hook(Mode::Always, None, 4.0, layers), &params, false, &tokens, &sampling);
     let llama = setup.generate(setup.hook(Mode::Plain, None, 4.0, layers), &params, true, &tokens, &sampling);

@@ -122,14 +122,20 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         None => (0..fits.len())
             .max_by(|&a, &b| {
                 let (a, b) = (&fits[a], &fits[b]);
-                a.robust_accuracy.total_cmp(&b.robust_accuracy).then(b.fpr.total_cmp(&a.fpr)).then(b.layer.cmp(&a.layer))
+                a.robust_accuracy
+                    .total_cmp(&b.robust_accuracy)
+                    .then(a.accuracy.total_cmp(&b.accuracy))
+                    .then(b.fpr.total_cmp(&a.fpr))
+                    .then(b.layer.cmp(&a.layer))
             })
             .expect("vector files hold at least one layer"),
     };
     let gate = &fits[chosen];
     let (hp, bp) = projections[chosen].split_at(harmful.len());
+    let drift_rho = drift_at(gate.layer);
     let max_margin = projections[chosen].iter().map(|p| (p + gate.bias).abs()).fold(0.0f32, f32::max);
-    let curve: Vec<(f32, f32)> = (0..=40).map(|i| max_margin * i as f32 / 40.0).map(|r| (r, robust_accuracy(hp, bp, gate.bias, r))).collect();
+    let top = max_margin.max(drift_rho.unwrap_or(0.0) as f32 * 1.1);
+    let curve: Vec<(f32, f32)> = (0..=40).map(|i| top * i as f32 / 40.0).map(|r| (r, robust_accuracy(hp, bp, gate.bias, r))).collect();
 
     let old = vectors.calibration.take();
     let data = match &old {
@@ -169,7 +175,6 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     });
     vectors.write(&args.out)?;
 
-    let drift_rho = drift_at(gate.layer);
     let report = json!({
         "prompts": {"harmful": harmful.len(), "harmless": harmless.len()},
         "robust": rho,

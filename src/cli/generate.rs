@@ -51,11 +51,28 @@ pub struct SamplingArgs {
     pub top_p: f32,
     #[arg(long, default_value_t = 42)]
     pub seed: u32,
+    /// DRY repetition penalty on steered answers only (multiplier, 0 = off); unsteered answers are never touched
+    #[arg(long, default_value_t = inferalign::generate::DEFAULT_STEERED_DRY, value_parser = non_negative)]
+    pub steered_dry: f32,
+}
+
+fn non_negative(text: &str) -> std::result::Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("{text:?} is not a finite number >= 0")),
+    }
 }
 
 impl SamplingArgs {
     pub fn sampling(&self) -> Sampling {
-        Sampling { max_tokens: self.max_tokens, temperature: self.temp, top_k: self.top_k, top_p: self.top_p, seed: self.seed }
+        Sampling {
+            max_tokens: self.max_tokens,
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            steered_dry: self.steered_dry,
+        }
     }
 }
 
