@@ -48,7 +48,8 @@ pub struct GateShift {
 pub struct Drift {
     pub prompts: usize,
     pub layers: Vec<LayerDrift>,
-    pub gate: GateShift,
+    /// None when the vector file has no calibrated gate.
+    pub gate: Option<GateShift>,
     /// Vaccine's summary: the sum over layers and prompts of |target - aligned|^2.
     pub sum_squared: f64,
 }
@@ -76,7 +77,7 @@ fn random_unit(rng: &mut impl Rng, n: usize) -> Vec<f32> {
 /// Drift between last-token activations `[prompt, layer, n_embd]` of the
 /// aligned model and the target on the same tokens, at `layers` (each must
 /// have a direction in `vectors`), with `gate` (from `vectors`) scored on both.
-pub fn measure(aligned: ArrayView3<f32>, target: ArrayView3<f32>, layers: &[usize], vectors: &VectorFile, gate: &Gate) -> anyhow::Result<Drift> {
+pub fn measure(aligned: ArrayView3<f32>, target: ArrayView3<f32>, layers: &[usize], vectors: &VectorFile, gate: Option<&Gate>) -> anyhow::Result<Drift> {
     anyhow::ensure!(aligned.shape() == target.shape(), "activation shapes differ: {:?} vs {:?}", aligned.shape(), target.shape());
     let n_prompts = aligned.len_of(Axis(0));
     anyhow::ensure!(n_prompts > 0, "no prompts to measure drift on");
@@ -122,19 +123,21 @@ pub fn measure(aligned: ArrayView3<f32>, target: ArrayView3<f32>, layers: &[usiz
             random_share_max: random_sq.iter().copied().map(share).fold(0.0, f64::max),
         });
     }
-    let scores = |acts: &ArrayView3<f32>| -> Vec<f32> {
-        let at = acts.index_axis(Axis(1), gate.layer);
-        (0..n_prompts).map(|i| gate.score(row(&at, i))).collect()
-    };
-    let (sa, st) = (scores(&aligned), scores(&target));
-    let mean = |s: &[f32]| s.iter().map(|&x| x as f64).sum::<f64>() / n_prompts as f64;
-    let flips = |from: &[f32], to: &[f32]| from.iter().zip(to).filter(|(&f, &t)| Gate::is_harmful(f) && !Gate::is_harmful(t)).count();
-    let gate = GateShift {
-        layer: gate.layer,
-        mean_score_aligned: mean(&sa),
-        mean_score_target: mean(&st),
-        flipped_to_harmless: flips(&sa, &st),
-        flipped_to_harmful: flips(&st, &sa),
-    };
+    let gate = gate.map(|gate| {
+        let scores = |acts: &ArrayView3<f32>| -> Vec<f32> {
+            let at = acts.index_axis(Axis(1), gate.layer);
+            (0..n_prompts).map(|i| gate.score(row(&at, i))).collect()
+        };
+        let (sa, st) = (scores(&aligned), scores(&target));
+        let mean = |s: &[f32]| s.iter().map(|&x| x as f64).sum::<f64>() / n_prompts as f64;
+        let flips = |from: &[f32], to: &[f32]| from.iter().zip(to).filter(|(&f, &t)| Gate::is_harmful(f) && !Gate::is_harmful(t)).count();
+        GateShift {
+            layer: gate.layer,
+            mean_score_aligned: mean(&sa),
+            mean_score_target: mean(&st),
+            flipped_to_harmless: flips(&sa, &st),
+            flipped_to_harmful: flips(&st, &sa),
+        }
+    });
     Ok(Drift { prompts: n_prompts, layers: out, gate, sum_squared })
 }

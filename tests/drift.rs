@@ -134,3 +134,53 @@ fn a_perturbation_under_the_certified_margin_never_flips_the_gate() {
     assert!((reported - certified as f64 / all.len() as f64).abs() < 1e-6, "reported certified accuracy {reported}, recomputed {certified}/{}", all.len());
     assert!(certified > 0, "no decision certified at rho {rho}");
 }
+
+fn outputs(dir: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("outputs.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn cross_model_guidance_steers_the_fine_tune_and_leaves_closed_gates_alone() {
+    let dir = common::tempdir();
+    let (harmful, harmless) = prompts(24);
+    let harmful_file = common::write_lines(dir.path(), "harmful.txt", &harmful);
+    let harmless_file = common::write_lines(dir.path(), "harmless.txt", &harmless);
+    let (qwen, lora) = (common::model(common::QWEN), common::abliterated_lora());
+    let (qwen, lora) = (qwen.to_str().unwrap(), lora.to_str().unwrap());
+    // The fine-tune's own gate, from its own activations.
+    let target_gate = dir.path().join("target.srv.gguf");
+    common::cli_ok(&[
+        "extract", "-m", qwen, "--lora", lora, "--harmful", harmful_file.to_str().unwrap(), "--harmless",
+        harmless_file.to_str().unwrap(), "--train", "16", "-o", target_gate.to_str().unwrap(),
+    ]);
+    let out = dir.path().join("eval");
+    let mut args = vec![
+        "eval", "-m", qwen, "--lora", lora, "--gate", target_gate.to_str().unwrap(), "--alpha", "7", "--sets", "harmful,harmless",
+        "--harmful", harmful_file.to_str().unwrap(), "--harmless", harmless_file.to_str().unwrap(), "--limit", "4", "-n", "12",
+        "--modes", "plain,self-guided,cross-model", "-o", out.to_str().unwrap(),
+    ];
+    common::cli_err(&args, "pass the aligned model's file with --steer");
+    let shipped = shipped_qwen();
+    args.extend(["--steer", shipped.to_str().unwrap()]);
+    common::cli_ok(&args);
+
+    let rows = outputs(&out);
+    let find = |mode: &str, set: &str, index: u64| rows.iter().find(|r| r["mode"] == mode && r["set"] == set && r["index"] == index).unwrap();
+    let mut closed = 0;
+    for r in rows.iter().filter(|r| r["mode"] == "cross-model") {
+        let plain = find("plain", r["set"].as_str().unwrap(), r["index"].as_u64().unwrap());
+        if r["steered"] == false {
+            closed += 1;
+            assert_eq!(r["output"], plain["output"], "gate closed, yet the answer changed: {r}");
+        }
+        if r["set"] == "harmful" {
+            assert_eq!(r["steered"], true, "the target's gate missed a harmful prompt: {r}");
+        }
+    }
+    assert!(closed > 0, "no closed gate to compare");
+    let differs = rows
+        .iter()
+        .filter(|r| r["mode"] == "cross-model" && r["set"] == "harmful")
+        .any(|r| r["output"] != find("self-guided", "harmful", r["index"].as_u64().unwrap())["output"]);
+    assert!(differs, "the aligned model's vectors steered exactly as the target's own");
+}

@@ -71,7 +71,7 @@ pub fn run(args: DriftArgs) -> Result<()> {
     };
     let vectors = VectorFile::read(&vectors_path)?;
     vectors.check_fits(&aligned, &vectors_path)?;
-    let gate = Gate::from_file(&vectors, None, None)?;
+    let gate = vectors.calibration.is_some().then(|| Gate::from_file(&vectors, None, None)).transpose()?;
     let recorded = vectors.calibration.as_ref().map(|c| c.data.template.as_str());
     let template = args.target.template(&target, recorded)?;
 
@@ -91,7 +91,7 @@ pub fn run(args: DriftArgs) -> Result<()> {
     let (target_acts, _) = capture_prompts(&target, &params, &tokens, &layers, &bar)?;
     bar.finish_and_clear();
     let layers: Vec<usize> = layers.into_iter().filter(|l| vectors.directions.contains_key(l)).collect();
-    let drift = measure(aligned_acts.view(), target_acts.view(), &layers, &vectors, &gate)?;
+    let drift = measure(aligned_acts.view(), target_acts.view(), &layers, &vectors, gate.as_ref())?;
 
     if args.json {
         println!("{}", serde_json::to_string(&drift)?);
@@ -112,7 +112,7 @@ pub fn run(args: DriftArgs) -> Result<()> {
                 ("share along safety direction", series(|d| d.safety_share)),
                 ("share along a random direction (max of 64)", series(|d| d.random_share_max)),
             ],
-            Some(drift.gate.layer as f64),
+            drift.gate.as_ref().map(|g| g.layer as f64),
         )?;
         eprintln!("wrote {}", out.display());
     }
@@ -135,10 +135,11 @@ fn print_table(drift: &Drift) {
             d.random_share_max
         );
     }
-    let g = &drift.gate;
-    println!(
-        "gate at layer {}: mean score {:.3} (aligned) -> {:.3} (target); {} prompts no longer flagged, {} newly flagged",
-        g.layer, g.mean_score_aligned, g.mean_score_target, g.flipped_to_harmless, g.flipped_to_harmful
-    );
+    if let Some(g) = &drift.gate {
+        println!(
+            "gate at layer {}: mean score {:.3} (aligned) -> {:.3} (target); {} prompts no longer flagged, {} newly flagged",
+            g.layer, g.mean_score_aligned, g.mean_score_target, g.flipped_to_harmless, g.flipped_to_harmful
+        );
+    }
     println!("sum of squared distances over layers and prompts (Vaccine's drift): {:.1}", drift.sum_squared);
 }
