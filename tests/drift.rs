@@ -160,6 +160,7 @@ fn cross_model_guidance_steers_the_fine_tune_and_leaves_closed_gates_alone() {
         "--modes", "plain,self-guided,cross-model", "-o", out.to_str().unwrap(),
     ];
     common::cli_err(&args, "pass the aligned model's file with --steer");
+    assert!(!out.join("params.json").exists(), "a refused eval must leave its output folder as it was");
     let shipped = shipped_qwen();
     args.extend(["--steer", shipped.to_str().unwrap()]);
     common::cli_ok(&args);

@@ -89,12 +89,7 @@ impl EvalMode {
                 let own = Steering::new(&resolved.gate_file, resolved.steering.alpha, &resolved.steering.layers, model.n_layer())?;
                 SteerHook::new(Mode::Gated, Some(resolved.gate.clone()), own, n_seq)
             }
-            EvalMode::CrossModel => {
-                if resolved.steer_path == resolved.gate_path {
-                    bail!("mode cross-model steers with another model's vectors: pass the aligned model's file with --steer");
-                }
-                resolved.hook_for(Mode::Gated, n_seq)
-            }
+            EvalMode::CrossModel => resolved.hook_for(Mode::Gated, n_seq),
         }
     }
 }
@@ -108,6 +103,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let model = args.model.load()?;
     let resolved = args.steer.resolve(&model, Mode::Gated)?;
     eprintln!("{}", resolved.describe());
+    if args.modes.contains(&EvalMode::CrossModel) && resolved.steer_path == resolved.gate_path {
+        bail!("mode cross-model steers with another model's vectors: pass the aligned model's file with --steer");
+    }
     let template = args.model.template(&model, resolved.recorded_template())?;
     let limit = args.limit.unwrap_or(usize::MAX);
     let cal = resolved.gate_file.calibration.as_ref();
