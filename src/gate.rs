@@ -69,7 +69,8 @@ pub fn rates(harmful_scores: &[f32], harmless_scores: &[f32]) -> Rates {
     }
 }
 
-fn project(acts: ArrayView2<f32>, direction: ArrayView1<f32>) -> Vec<f32> {
+/// Each row's projection on `direction`.
+pub fn project(acts: ArrayView2<f32>, direction: ArrayView1<f32>) -> Vec<f32> {
     acts.dot(&direction).to_vec()
 }
 

@@ -12,12 +12,12 @@ use serde_json::json;
 use inferalign::capture::capture_prompts;
 use inferalign::drift::Drift;
 use inferalign::extract::{data_set, model_identity, Labelled};
-use inferalign::gate::{rates, robust_accuracy, robust_bias};
+use inferalign::gate::{project, rates, robust_accuracy, robust_bias};
 use inferalign::plot;
 use inferalign::prompts::{prepare, read_prompts};
 use inferalign::vectors::{Calibration, DataIdentity, LayerStats, VectorFile};
 
-use super::{progress, ModelArgs};
+use super::{non_negative, progress, ModelArgs};
 
 #[derive(Args)]
 pub struct CalibrateArgs {
@@ -34,7 +34,7 @@ pub struct CalibrateArgs {
     harmless: PathBuf,
     /// Choose bias and layer so that each calibration decision holds for any change of the
     /// gate layer's activation up to this L2 norm (a margin); 0 picks the most accurate gate
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
     robust: f32,
     /// drift.json written by `inferalign drift --out` for this target: marks the measured drift
     #[arg(long)]
@@ -68,7 +68,6 @@ struct LayerFit {
 }
 
 pub fn run(args: CalibrateArgs) -> Result<()> {
-    anyhow::ensure!(args.robust.is_finite() && args.robust >= 0.0, "--robust must be a finite, non-negative L2 norm");
     let harmful = read_prompts(&args.harmful)?;
     let harmless = read_prompts(&args.harmless)?;
     let drift: Option<Drift> = match &args.drift {
@@ -99,7 +98,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     let mut fits = Vec::new();
     let mut projections = Vec::new();
     for &layer in &layers {
-        let proj = acts.index_axis(Axis(1), layer).dot(&ndarray::ArrayView1::from(vectors.direction(layer)?)).to_vec();
+        let proj = project(acts.index_axis(Axis(1), layer), vectors.direction(layer)?.into());
         let (hp, bp) = proj.split_at(harmful.len());
         let bias = robust_bias(hp, bp, rho);
         let scores = |p: &[f32]| p.iter().map(|x| x + bias).collect::<Vec<_>>();

@@ -8,7 +8,7 @@ use clap::Args;
 
 use inferalign::capture::capture_prompts;
 use inferalign::drift::{measure, Drift};
-use inferalign::extract::{model_identity, steerable_layers};
+use inferalign::extract::steerable_layers;
 use inferalign::gate::Gate;
 use inferalign::llama::{LoadOptions, Model};
 use inferalign::plot;
@@ -39,23 +39,18 @@ pub struct DriftArgs {
     out: Option<PathBuf>,
 }
 
-/// Fails unless both models read the same tokens into the same shapes.
+/// Fails unless both models have the same shape (tokenizations are compared
+/// per prompt later). Reads metadata only: hashing two model files is not needed here.
 fn check_compatible(aligned: &Model, target: &Model) -> Result<()> {
-    let (a, t) = (model_identity(aligned)?, model_identity(target)?);
-    let differ = |what: &str, x: &dyn std::fmt::Display, y: &dyn std::fmt::Display| -> Result<()> {
-        bail!("the models differ in {what}: {x} (aligned) vs {y} (target); drift compares a model with its own fine-tune")
-    };
-    if a.architecture != t.architecture {
-        differ("architecture", &a.architecture, &t.architecture)?;
-    }
-    if a.n_embd != t.n_embd {
-        differ("n_embd", &a.n_embd, &t.n_embd)?;
-    }
-    if a.n_layer != t.n_layer {
-        differ("layer count", &a.n_layer, &t.n_layer)?;
-    }
-    if aligned.n_vocab() != target.n_vocab() {
-        differ("vocabulary size", &aligned.n_vocab(), &target.n_vocab())?;
+    let architecture = |m: &Model| m.meta("general.architecture").unwrap_or_default();
+    let checks: [(&str, String, String); 4] = [
+        ("architecture", architecture(aligned), architecture(target)),
+        ("n_embd", aligned.n_embd().to_string(), target.n_embd().to_string()),
+        ("layer count", aligned.n_layer().to_string(), target.n_layer().to_string()),
+        ("vocabulary size", aligned.n_vocab().to_string(), target.n_vocab().to_string()),
+    ];
+    if let Some((what, a, t)) = checks.iter().find(|(_, a, t)| a != t) {
+        bail!("the models differ in {what}: {a} (aligned) vs {t} (target); drift compares a model with its own fine-tune");
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use inferalign::llama::Context;
 use inferalign::prompts::{prepare, read_prompts};
 use inferalign::steer::Mode;
 
+use super::non_negative;
 use super::steer_args::GuardArgs;
 
 /// What `generate` and `chat` share: the model, the vectors, the mode and sampling.
@@ -54,13 +55,6 @@ pub struct SamplingArgs {
     /// DRY repetition penalty on steered answers only (multiplier, 0 = off); unsteered answers are never touched
     #[arg(long, default_value_t = inferalign::generate::DEFAULT_STEERED_DRY, value_parser = non_negative)]
     pub steered_dry: f32,
-}
-
-fn non_negative(text: &str) -> std::result::Result<f32, String> {
-    match text.parse::<f32>() {
-        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
-        _ => Err(format!("{text:?} is not a finite number >= 0")),
-    }
 }
 
 impl SamplingArgs {
