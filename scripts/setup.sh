@@ -10,7 +10,8 @@ missing=()
 command -v cmake >/dev/null || missing+=(cmake)
 command -v c++ >/dev/null || missing+=(g++)
 command -v curl >/dev/null || missing+=(curl)
-ldconfig -p 2>/dev/null | grep -q libclang || ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+# libclang itself, not libclang-cpp (which some images carry without it).
+ldconfig -p 2>/dev/null | grep -qE 'libclang(-[0-9.]+)?\.so' || ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}"
     sudo=""
