@@ -32,6 +32,11 @@ pub struct Sampling {
 pub const DEFAULT_STEERED_DRY: f32 = 0.8;
 /// Tokens DRY looks back over (llama.cpp clamps -1, "whole context", to off).
 const DRY_WINDOW: i32 = 1024;
+/// Logits a greedy steered step hands to the sampler first. DRY looks up every
+/// candidate in a hash map, which over a 150k vocabulary costs more per token
+/// than the shift itself; DRY only lowers logits, so a short list decides
+/// unless it pushes every listed token down to the level of those left out.
+const GREEDY_SHORTLIST: usize = 64;
 
 impl Default for Sampling {
     fn default() -> Self {
@@ -89,6 +94,7 @@ struct Slot {
     bytes: Vec<u8>,
     emitted: usize,
     sampler: Option<LlamaSampler>,
+    greedy: bool,
     /// Row of this sequence's logits in the last batch.
     logits_row: i32,
     budget: usize,
@@ -101,6 +107,15 @@ pub struct RunStats {
     pub generated_tokens: usize,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+}
+
+impl std::ops::AddAssign for RunStats {
+    fn add_assign(&mut self, other: RunStats) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.generated_tokens += other.generated_tokens;
+        self.prefill_seconds += other.prefill_seconds;
+        self.decode_seconds += other.decode_seconds;
+    }
 }
 
 /// Decodes the prompt `tokens` of sequence `seq` from position 0, in batches of
@@ -129,8 +144,6 @@ pub struct Engine<'c, 'm> {
     room: usize,
     /// Most rows in one decode call.
     max_rows: usize,
-    /// llama.cpp's own control vector holds the shift (the hook's is off).
-    control_vector: bool,
     stats: RunStats,
 }
 
@@ -141,7 +154,7 @@ impl<'c, 'm> Engine<'c, 'm> {
         let room = ctx.n_ctx() / parallel;
         let batch = Batch::new(ctx.n_batch().max(parallel));
         ctx.clear_memory();
-        Engine { model, ctx, batch, slots: (0..parallel).map(|_| None).collect(), room, max_rows: parallel, control_vector: false, stats: RunStats::default() }
+        Engine { model, ctx, batch, slots: (0..parallel).map(|_| None).collect(), room, max_rows: parallel, stats: RunStats::default() }
     }
 
     /// Decodes at most `rows` requests per `llama_decode` call.
@@ -209,6 +222,7 @@ impl<'c, 'm> Engine<'c, 'm> {
             bytes: Vec::new(),
             emitted: 0,
             sampler: sampling.sampler(self.model, steered),
+            greedy: sampling.temperature <= 0.0,
             logits_row: (batch.len() - 1) as i32,
             budget: sampling.max_tokens.min(self.room - prompt.len()),
         });
@@ -231,7 +245,7 @@ impl<'c, 'm> Engine<'c, 'm> {
         let max_rows = self.max_rows;
         for run in runs.into_iter().flat_map(|r| r.chunks(max_rows)) {
             let hook = self.ctx.hook();
-            self.use_control_vector(hook.mode() != Mode::Plain && run.iter().all(|&seq| hook.is_steered(seq)))?;
+            self.use_control_vector(run.iter().all(|&seq| hook.is_steered(seq)))?;
             self.batch.clear();
             for &seq in run {
                 let slot = self.slots[seq].as_mut().expect("live");
@@ -253,8 +267,10 @@ impl<'c, 'm> Engine<'c, 'm> {
     /// When every row of a decode call is steered, llama.cpp's own control
     /// vector can add the shift inside the graph: the hook then asks for no
     /// tensor, and the step runs without the graph splits a callback costs.
+    /// The context may come with the vector set by an earlier engine; in plain
+    /// mode it belongs to the caller and stays as it is.
     fn use_control_vector(&mut self, on: bool) -> Result<()> {
-        if on == self.control_vector {
+        if self.ctx.hook().mode() == Mode::Plain || on == self.ctx.has_control_vector() {
             return Ok(());
         }
         if on {
@@ -266,7 +282,6 @@ impl<'c, 'm> Engine<'c, 'm> {
             self.ctx.set_control_vector(None)?;
         }
         self.ctx.hook_mut().set_shift_enabled(!on);
-        self.control_vector = on;
         Ok(())
     }
 
@@ -303,12 +318,7 @@ impl<'c, 'm> Engine<'c, 'm> {
             // Greedy: the first highest logit, as llama.cpp's greedy sampler picks.
             None => LlamaToken(logits.iter().enumerate().fold(0, |best, (i, &l)| if l > logits[best] { i } else { best }) as i32),
             Some(sampler) => {
-                let mut candidates = LlamaTokenDataArray::from_iter(
-                    logits.iter().enumerate().map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0)),
-                    false,
-                );
-                candidates.apply_sampler(sampler);
-                let token = candidates.selected_token().context("the sampler selected no token")?;
+                let token = if slot.greedy { pick_greedy(sampler, logits)? } else { pick(sampler, logits, 0..logits.len())?.0 };
                 sampler.accept(token);
                 token
             }
@@ -334,6 +344,44 @@ impl<'c, 'm> Engine<'c, 'm> {
         }
         Ok(!end)
     }
+}
+
+/// The token `sampler` picks among `ids`, and its logit after the sampler.
+fn pick(sampler: &mut LlamaSampler, logits: &[f32], ids: impl Iterator<Item = usize>) -> Result<(LlamaToken, f32)> {
+    let mut candidates =
+        LlamaTokenDataArray::from_iter(ids.map(|id| LlamaTokenData::new(LlamaToken(id as i32), logits[id], 0.0)), false);
+    candidates.apply_sampler(sampler);
+    let selected = candidates.selected.context("the sampler selected no token")?;
+    Ok((candidates.data[selected].id(), candidates.data[selected].logit()))
+}
+
+/// What a greedy `sampler` (logit penalties, then greedy) picks over the
+/// whole vocabulary, looking at the highest logits first.
+fn pick_greedy(sampler: &mut LlamaSampler, logits: &[f32]) -> Result<LlamaToken> {
+    let mut shortlist = highest(logits, GREEDY_SHORTLIST);
+    let floor = shortlist.iter().map(|&id| logits[id]).fold(f32::INFINITY, f32::min);
+    // In vocabulary order, so ties go to the lowest id as over the whole vocabulary.
+    shortlist.sort_unstable();
+    let (token, logit) = pick(sampler, logits, shortlist.into_iter())?;
+    // Every token left out has a logit of at most `floor`, and penalties only lower logits.
+    if logit > floor {
+        return Ok(token);
+    }
+    Ok(pick(sampler, logits, 0..logits.len())?.0)
+}
+
+/// Ids of the `k` highest logits.
+fn highest(logits: &[f32], k: usize) -> Vec<usize> {
+    let mut top: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
+    for (id, &logit) in logits.iter().enumerate() {
+        if top.len() == k && logit <= top[k - 1].0 {
+            continue;
+        }
+        let at = top.partition_point(|&(l, _)| l >= logit);
+        top.insert(at, (logit, id));
+        top.truncate(k);
+    }
+    top.into_iter().map(|(_, id)| id).collect()
 }
 
 /// Runs every prompt to completion, up to `parallel` at a time, reporting
@@ -363,5 +411,56 @@ pub fn run<'m>(
             continue;
         }
         engine.step(&mut on_event)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    #[test]
+    fn greedy_shortlist_picks_what_the_whole_vocabulary_picks() {
+        let path = crate::cache::cache_dir().join("models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+        assert!(path.is_file(), "missing {}: run scripts/setup.sh first", path.display());
+        let model = Model::load(&path, 0).expect("load model");
+        let mut sampler = Sampling::default().sampler(&model, true).expect("steered greedy sampler");
+        // "x y t0 x y t1 ... x y t69 x y": each t would repeat "x y t", so DRY
+        // penalises all 70, more than the short list holds.
+        let (x, y) = (1000, 1001);
+        // Tokens holding a sequence breaker ("\n", ":", quotes, "*") are never penalised.
+        let plain_word = |t: &i32| model.llama().vocab().token_to_piece(LlamaToken(*t), false, None).iter().all(u8::is_ascii_alphanumeric);
+        let penalised: Vec<i32> = (2000..3000).filter(plain_word).take(70).collect();
+        assert!(penalised.len() > GREEDY_SHORTLIST);
+        // DRY does not count a repeat that starts at the first token.
+        sampler.accept(LlamaToken(999));
+        for &t in &penalised {
+            for token in [x, y, t] {
+                sampler.accept(LlamaToken(token));
+            }
+        }
+        sampler.accept(LlamaToken(x));
+        sampler.accept(LlamaToken(y));
+        let n_vocab = model.n_vocab();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut overruled = 0;
+        for case in 0..60 {
+            let mut logits: Vec<f32> = (0..n_vocab).map(|_| rng.gen_range(-10.0..10.0)).collect();
+            match case % 3 {
+                0 => {}
+                // One penalised token on top: DRY must overrule the argmax.
+                1 => logits[penalised[case % 70] as usize] = 10.3,
+                // Every listed token penalised below those left out: only the whole vocabulary decides.
+                _ => {
+                    logits.fill(1.5);
+                    penalised.iter().for_each(|&t| logits[t as usize] = 2.0);
+                }
+            }
+            let whole = pick(&mut sampler, &logits, 0..n_vocab).unwrap().0;
+            assert_eq!(pick_greedy(&mut sampler, &logits).unwrap(), whole, "case {case}");
+            overruled += (case % 3 != 0 && !penalised.contains(&whole.0)) as usize;
+        }
+        assert_eq!(overruled, 40, "DRY should have overruled the argmax in every rigged case");
     }
 }

@@ -340,6 +340,7 @@ pub struct Context<'m, H: LayerHook> {
     n_batch: usize,
     n_seq_max: usize,
     kv_unified: bool,
+    control_vector: bool,
     _model: PhantomData<&'m Model>,
 }
 
@@ -409,6 +410,7 @@ impl<'m, H: LayerHook> Context<'m, H> {
             n_batch: params.n_batch as usize,
             n_seq_max: params.n_seq_max as usize,
             kv_unified: params.kv_unified,
+            control_vector: false,
             _model: PhantomData,
         })
     }
@@ -487,7 +489,12 @@ impl<'m, H: LayerHook> Context<'m, H> {
         if rc != 0 {
             bail!("llama.cpp rejected the control vector (code {rc})");
         }
+        self.control_vector = data.is_some();
         Ok(())
+    }
+
+    pub fn has_control_vector(&self) -> bool {
+        self.control_vector
     }
 }
 

@@ -101,6 +101,33 @@ fn gemma_closed_gate_output_is_token_identical_to_plain() {
 }
 
 #[test]
+fn a_steered_request_leaves_nothing_behind_for_the_next() {
+    // generate and chat decode one request per run on one context: the control
+    // vector a steered answer decodes with must not outlive that answer.
+    let setup = setup(common::QWEN);
+    let layers = [10, 11, 12, 13, 14];
+    let sampling = Sampling { max_tokens: 24, ..Sampling::default() };
+    let harmful: Vec<String> = read_prompts(&common::advbench()).unwrap().into_iter().skip(100).take(1).collect();
+    let harmless = setup.tokens(&harmless_probes(3));
+    let plain = setup.generate(setup.hook(Mode::Plain, None, 4.0, &layers), &ContextParams::default(), false, &harmless, &sampling);
+    let mut ctx = Context::new(&setup.model, &ContextParams::default(), setup.hook(Mode::Gated, None, 4.0, &layers), true).unwrap();
+    let mut one_at_a_time = Vec::new();
+    for tokens in setup.tokens(&harmful).iter().chain(&harmless) {
+        generate::run(&setup.model, &mut ctx, std::slice::from_ref(tokens), &sampling, 1, |event| {
+            if let Event::Done { generation, .. } = event {
+                one_at_a_time.push(generation);
+            }
+        })
+        .unwrap();
+    }
+    assert!(one_at_a_time[0].steered, "the harmful prompt should open the gate");
+    for (p, g) in plain.iter().zip(&one_at_a_time[1..]) {
+        assert!(!g.steered);
+        assert_eq!(p.tokens, g.tokens, "a harmless request after a steered one changed");
+    }
+}
+
+#[test]
 fn open_gate_adds_exactly_alpha_theta() {
     let setup = setup(common::QWEN);
     let tokens = setup.tokens(&harmless_probes(1));

@@ -40,7 +40,7 @@ pub struct GenerateBench {
     /// Number of prompts
     #[arg(short = 'n', long, default_value_t = 8)]
     count: usize,
-    /// Tokens generated per prompt (generation does not stop early)
+    /// Most tokens generated per prompt (an answer may end sooner; rates are per token)
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
     /// Runs per mode (the median is reported)
@@ -197,13 +197,16 @@ fn generate_bench(args: GenerateBench) -> Result<()> {
     for (name, hook, callback) in modes {
         contexts.push((name, Context::new(&model, &params, hook, callback)?));
     }
-    let mut runs: Vec<Vec<RunStats>> = vec![Vec::new(); contexts.len()];
+    let mut runs: Vec<Vec<RunStats>> = vec![vec![RunStats::default(); args.runs]; contexts.len()];
     for run in 0..args.runs {
         eprintln!("run {}/{}", run + 1, args.runs);
-        // Rotating the order keeps any warm-up or drift from favouring one mode.
+        // The modes take turns on each prompt, in rotating order, so the
+        // machine's warm-up and drift fall on all of them alike.
         let n = contexts.len();
-        for i in (0..n).map(|k| (k + run) % n) {
-            runs[i].push(generate::run(&model, &mut contexts[i].1, &tokens, &sampling, 1, |_| {})?);
+        for (p, prompt) in tokens.iter().enumerate() {
+            for i in (0..n).map(|k| (k + run + p) % n) {
+                runs[i][run] += generate::run(&model, &mut contexts[i].1, std::slice::from_ref(prompt), &sampling, 1, |_| {})?;
+            }
         }
     }
     let rate = |s: &RunStats, prefill: bool| {
