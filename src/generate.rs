@@ -46,9 +46,9 @@ impl Default for Sampling {
 
 impl Sampling {
     /// None for greedy decoding of an unsteered request, a plain argmax over the logits.
-    fn sampler(&self, model: &Model, steered: bool) -> Option<LlamaSampler> {
-        let dry = (steered && self.steered_dry > 0.0)
-            .then(|| LlamaSampler::dry(model.llama(), self.steered_dry, 1.75, 2, DRY_WINDOW, ["\n", ":", "\"", "*"]));
+    /// `dry` makes DRY samplers for a multiplier.
+    fn sampler(&self, steered: bool, dry: impl FnOnce(f32) -> LlamaSampler) -> Option<LlamaSampler> {
+        let dry = (steered && self.steered_dry > 0.0).then(|| dry(self.steered_dry));
         let pick = if self.temperature <= 0.0 {
             dry.as_ref()?;
             vec![LlamaSampler::greedy()]
@@ -61,6 +61,23 @@ impl Sampling {
             ]
         };
         Some(LlamaSampler::chain_simple(dry.into_iter().chain(pick)))
+    }
+}
+
+/// Making a DRY sampler scans the whole vocabulary for tokens that hold a
+/// sequence breaker (tens of milliseconds); cloning one copies what it found.
+struct DrySamplers {
+    made: Vec<(f32, LlamaSampler)>,
+}
+
+impl DrySamplers {
+    fn get(&mut self, model: &Model, multiplier: f32) -> LlamaSampler {
+        if let Some((_, sampler)) = self.made.iter().find(|(m, _)| *m == multiplier) {
+            return sampler.clone();
+        }
+        let sampler = LlamaSampler::dry(model.llama(), multiplier, 1.75, 2, DRY_WINDOW, ["\n", ":", "\"", "*"]);
+        self.made.push((multiplier, sampler.clone()));
+        sampler
     }
 }
 
@@ -144,6 +161,7 @@ pub struct Engine<'c, 'm> {
     room: usize,
     /// Most rows in one decode call.
     max_rows: usize,
+    dry: DrySamplers,
     stats: RunStats,
 }
 
@@ -154,7 +172,7 @@ impl<'c, 'm> Engine<'c, 'm> {
         let room = ctx.n_ctx() / parallel;
         let batch = Batch::new(ctx.n_batch().max(parallel));
         ctx.clear_memory();
-        Engine { model, ctx, batch, slots: (0..parallel).map(|_| None).collect(), room, max_rows: parallel, stats: RunStats::default() }
+        Engine { model, ctx, batch, slots: (0..parallel).map(|_| None).collect(), room, max_rows: parallel, dry: DrySamplers { made: Vec::new() }, stats: RunStats::default() }
     }
 
     /// Decodes at most `rows` requests per `llama_decode` call.
@@ -221,7 +239,7 @@ impl<'c, 'm> Engine<'c, 'm> {
             tokens: Vec::new(),
             bytes: Vec::new(),
             emitted: 0,
-            sampler: sampling.sampler(self.model, steered),
+            sampler: sampling.sampler(steered, |multiplier| self.dry.get(self.model, multiplier)),
             greedy: sampling.temperature <= 0.0,
             logits_row: (batch.len() - 1) as i32,
             budget: sampling.max_tokens.min(self.room - prompt.len()),
@@ -283,6 +301,36 @@ impl<'c, 'm> Engine<'c, 'm> {
         }
         self.ctx.hook_mut().set_shift_enabled(!on);
         Ok(())
+    }
+
+    /// Runs every prompt to completion, reporting through `on_event`.
+    /// Requests are numbered by their index in `prompts`. Callers that run one
+    /// prompt at a time keep one engine, which keeps what it made for samplers.
+    pub fn run(&mut self, prompts: &[Vec<i32>], sampling: &Sampling, mut on_event: impl FnMut(Event)) -> Result<RunStats> {
+        for (i, prompt) in prompts.iter().enumerate() {
+            self.check_fits(prompt.len()).with_context(|| format!("prompt {} does not fit", i + 1))?;
+        }
+        // A run that failed leaves its requests behind.
+        for seq in 0..self.slots.len() {
+            if self.slots[seq].is_some() {
+                self.release(seq);
+            }
+        }
+        self.stats = RunStats::default();
+        let mut next = 0;
+        loop {
+            while next < prompts.len() && self.has_free_slot() {
+                self.admit(next, &prompts[next], sampling, &mut on_event)?;
+                next += 1;
+            }
+            if self.is_idle() {
+                if next == prompts.len() {
+                    return Ok(self.stats);
+                }
+                continue;
+            }
+            self.step(&mut on_event)?;
+        }
     }
 
     /// Ends request `id` now (a stop string, a client gone) and frees its sequence.
@@ -392,26 +440,9 @@ pub fn run<'m>(
     prompts: &[Vec<i32>],
     sampling: &Sampling,
     parallel: usize,
-    mut on_event: impl FnMut(Event),
+    on_event: impl FnMut(Event),
 ) -> Result<RunStats> {
-    let mut engine = Engine::new(model, ctx, parallel);
-    for (i, prompt) in prompts.iter().enumerate() {
-        engine.check_fits(prompt.len()).with_context(|| format!("prompt {} does not fit", i + 1))?;
-    }
-    let mut next = 0;
-    loop {
-        while next < prompts.len() && engine.has_free_slot() {
-            engine.admit(next, &prompts[next], sampling, &mut on_event)?;
-            next += 1;
-        }
-        if engine.is_idle() {
-            if next == prompts.len() {
-                return Ok(engine.stats());
-            }
-            continue;
-        }
-        engine.step(&mut on_event)?;
-    }
+    Engine::new(model, ctx, parallel).run(prompts, sampling, on_event)
 }
 
 #[cfg(test)]
@@ -425,7 +456,7 @@ mod tests {
         let path = crate::cache::cache_dir().join("models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
         assert!(path.is_file(), "missing {}: run scripts/setup.sh first", path.display());
         let model = Model::load(&path, 0).expect("load model");
-        let mut sampler = Sampling::default().sampler(&model, true).expect("steered greedy sampler");
+        let mut sampler = Sampling::default().sampler(true, |m| DrySamplers { made: Vec::new() }.get(&model, m)).expect("steered greedy sampler");
         // "x y t0 x y t1 ... x y t69 x y": each t would repeat "x y t", so DRY
         // penalises all 70, more than the short list holds.
         let (x, y) = (1000, 1001);

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use inferalign::capture::{capture, decode_prompts, CaptureHook, DecodeStats};
 use inferalign::extract::steerable_layers;
-use inferalign::generate::{self, RunStats, Sampling};
+use inferalign::generate::{Engine, RunStats, Sampling};
 use inferalign::llama::{Context, NoHook};
 use inferalign::steer::{Mode, SteerHook};
 use inferalign::prompts::{prepare, read_prompts};
@@ -194,18 +194,21 @@ fn generate_bench(args: GenerateBench) -> Result<()> {
         ("hook, gate open (steering)", forced(1e9)?, true),
     ];
     let mut contexts = Vec::new();
+    let mut names = Vec::new();
     for (name, hook, callback) in modes {
-        contexts.push((name, Context::new(&model, &params, hook, callback)?));
+        contexts.push(Context::new(&model, &params, hook, callback)?);
+        names.push(name);
     }
-    let mut runs: Vec<Vec<RunStats>> = vec![vec![RunStats::default(); args.runs]; contexts.len()];
+    let mut engines: Vec<Engine> = contexts.iter_mut().map(|ctx| Engine::new(&model, ctx, 1)).collect();
+    let mut runs: Vec<Vec<RunStats>> = vec![vec![RunStats::default(); args.runs]; engines.len()];
     for run in 0..args.runs {
         eprintln!("run {}/{}", run + 1, args.runs);
         // The modes take turns on each prompt, in rotating order, so the
         // machine's warm-up and drift fall on all of them alike.
-        let n = contexts.len();
+        let n = engines.len();
         for (p, prompt) in tokens.iter().enumerate() {
             for i in (0..n).map(|k| (k + run + p) % n) {
-                runs[i][run] += generate::run(&model, &mut contexts[i].1, std::slice::from_ref(prompt), &sampling, 1, |_| {})?;
+                runs[i][run] += engines[i].run(std::slice::from_ref(prompt), &sampling, |_| {})?;
             }
         }
     }
@@ -215,10 +218,10 @@ fn generate_bench(args: GenerateBench) -> Result<()> {
     // Each run measures every mode back to back, so a ratio within one run
     // cancels the machine's drift; the median of those ratios is reported.
     let median_of = |mode: usize, f: &dyn Fn(&RunStats, &RunStats) -> f64| median(runs[mode].iter().zip(&runs[0]).map(|(s, p)| f(s, p)).collect());
-    let results: Vec<GenMode> = contexts
+    let results: Vec<GenMode> = names
         .iter()
         .enumerate()
-        .map(|(i, (name, _))| GenMode {
+        .map(|(i, name)| GenMode {
             name,
             median_prefill_tokens_per_second: median_of(i, &|s, _| rate(s, true)),
             median_decode_tokens_per_second: median_of(i, &|s, _| rate(s, false)),

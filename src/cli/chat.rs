@@ -6,7 +6,7 @@ use std::io::{BufRead, Write};
 use anyhow::Result;
 use clap::Args;
 
-use inferalign::generate::{self, Event};
+use inferalign::generate::{Engine, Event};
 use inferalign::llama::Context;
 use inferalign::prompts::tokenize;
 use inferalign::steer::Mode;
@@ -22,6 +22,7 @@ pub struct ChatArgs {
 pub fn run(ChatArgs { session: args }: ChatArgs) -> Result<()> {
     let (model, resolved, template) = args.guard.open()?;
     let mut ctx = Context::new(&model, &args.guard.model.context_params(), resolved.hook(1)?, resolved.mode != Mode::Plain)?;
+    let mut engine = Engine::new(&model, &mut ctx, 1);
     let sampling = args.sampling.sampling();
     eprintln!("type a message and press Enter; an empty line or Ctrl-D ends the chat");
 
@@ -41,7 +42,7 @@ pub fn run(ChatArgs { session: args }: ChatArgs) -> Result<()> {
         // The whole conversation is decoded again each turn, so a turn the gate
         // lets through is exactly what the plain model would see.
         let mut answer = None;
-        let result = generate::run(&model, &mut ctx, std::slice::from_ref(&tokens), &sampling, 1, |event| match event {
+        let result = engine.run(std::slice::from_ref(&tokens), &sampling, |event| match event {
             Event::Text { text, .. } => {
                 print!("{text}");
                 let _ = std::io::stdout().flush();

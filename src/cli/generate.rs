@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use inferalign::generate::{self, Event, Sampling};
+use inferalign::generate::{Engine, Event, Sampling};
 use inferalign::llama::Context;
 use inferalign::prompts::{prepare, read_prompts};
 use inferalign::steer::Mode;
@@ -82,6 +82,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let params = session.guard.model.context_params();
     let with_callback = resolved.mode != Mode::Plain;
     let mut ctx = Context::new(&model, &params, resolved.hook(1)?, with_callback)?;
+    let mut engine = Engine::new(&model, &mut ctx, 1);
     let sampling = session.sampling.sampling();
 
     for (prompt, tokens) in prompts.iter().zip(&tokens) {
@@ -89,7 +90,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             println!("> {prompt}");
         }
         let mut done = None;
-        generate::run(&model, &mut ctx, std::slice::from_ref(tokens), &sampling, 1, |event| match event {
+        engine.run(std::slice::from_ref(tokens), &sampling, |event| match event {
             Event::Text { text, .. } if !args.json => {
                 print!("{text}");
                 let _ = std::io::stdout().flush();
