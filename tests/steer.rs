@@ -106,7 +106,8 @@ fn a_steered_request_leaves_nothing_behind_for_the_next() {
     // vector a steered answer decodes with must not outlive that answer.
     let setup = setup(common::QWEN);
     let layers = [10, 11, 12, 13, 14];
-    let sampling = Sampling { max_tokens: 24, ..Sampling::default() };
+    // Long enough for the steered answer to hand its shift to llama.cpp's control vector.
+    let sampling = Sampling { max_tokens: 64, ..Sampling::default() };
     let harmful: Vec<String> = read_prompts(&common::advbench()).unwrap().into_iter().skip(100).take(1).collect();
     let harmless = setup.tokens(&harmless_probes(3));
     let plain = setup.generate(setup.hook(Mode::Plain, None, 4.0, &layers), &ContextParams::default(), false, &harmless, &sampling);
@@ -119,6 +120,9 @@ fn a_steered_request_leaves_nothing_behind_for_the_next() {
             }
         })
         .unwrap();
+        if one_at_a_time.len() == 1 {
+            assert!(ctx.has_control_vector(), "the steered answer should have decoded with llama.cpp's control vector, which is what could leak");
+        }
     }
     assert!(one_at_a_time[0].steered, "the harmful prompt should open the gate");
     for (p, g) in plain.iter().zip(&one_at_a_time[1..]) {
