@@ -10,7 +10,7 @@ use crate::gate::Gate;
 use crate::llama::{foreign_model_dims, BatchLayout, ForeignBatch, ForeignHook};
 use crate::steer::{parse_layers, Mode, SteerHook, Steering};
 use crate::capture::BatchAware;
-use crate::vectors::VectorFile;
+use crate::vectors::{Strength, VectorFile};
 
 /// Opaque to C.
 pub struct InferalignGuard {
@@ -63,7 +63,11 @@ unsafe fn new_guard(
         None => gate_file.clone(),
     };
     let defaults = steer_file.defaults.clone().or_else(|| gate_file.defaults.clone());
-    let alpha = if alpha.is_nan() { defaults.as_ref().map(|d| d.alpha).context("no alpha given and none in the vector file")? } else { alpha };
+    let strength = if alpha.is_nan() {
+        defaults.as_ref().map(|d| d.strength).context("no alpha given and no steering defaults in the vector file")?
+    } else {
+        Strength::Alpha(alpha)
+    };
     let layers = match opt_str(layers)? {
         Some(spec) => parse_layers(spec)?,
         None => defaults.map(|d| d.layers).context("no layers given and none in the vector file")?,
@@ -75,7 +79,7 @@ unsafe fn new_guard(
         m => bail!("unknown mode {m} (0 plain, 1 gated, 2 always)"),
     };
     let gate = Gate::from_file(&gate_file, None, None)?;
-    let steering = Steering::new(&steer_file, alpha, &layers, n_layer)?;
+    let steering = Steering::new(&steer_file, strength, &layers, n_layer)?;
     let hook = SteerHook::new(mode, Some(gate), steering, n_seq.max(1) as usize)?;
     Ok(Box::new(InferalignGuard { hook: ForeignHook::new(hook) }))
 }

@@ -7,14 +7,15 @@ use ndarray::Array3;
 
 use crate::llama::{Batch, BatchLayout, Context, ContextParams, LayerHook, LayerOutput, Model, NoHook};
 
-/// Where a prompt's last token sits in the batch being decoded.
+/// Where a token to read sits in the batch being decoded.
 #[derive(Clone, Copy, Debug)]
 pub struct LastToken {
     /// Row among all tokens of the batch (every layer but the last).
     pub token_row: usize,
     /// Row among the tokens that requested output (the last layer keeps only these).
     pub output_row: usize,
-    pub prompt: usize,
+    /// Row of the capture it fills: `prompt * offsets.len() + offset index`.
+    pub slot: usize,
 }
 
 /// A hook that is told, before each decode, where the prompts' last tokens are.
@@ -58,12 +59,12 @@ impl CaptureHook {
         }
     }
 
-    /// Starts a capture of `n_prompts` prompts (indexed as in the decoded list).
-    pub fn begin(&mut self, n_prompts: usize) {
-        self.acts = Array3::zeros((n_prompts, self.layers.len(), self.n_embd));
+    /// Starts a capture of `n_slots` rows (prompts times read positions).
+    pub fn begin(&mut self, n_slots: usize) {
+        self.acts = Array3::zeros((n_slots, self.layers.len(), self.n_embd));
     }
 
-    /// The activations captured since `begin`, `[prompt, layer, n_embd]`.
+    /// The activations captured since `begin`, `[slot, layer, n_embd]`.
     pub fn take(&mut self) -> Array3<f32> {
         self.plan.clear();
         std::mem::replace(&mut self.acts, Array3::zeros((0, 0, 0)))
@@ -83,7 +84,7 @@ impl LayerHook for CaptureHook {
             for t in plan {
                 let row = if all_rows { t.token_row } else { t.output_row };
                 let src = &data[row * n_embd..(row + 1) * n_embd];
-                acts.slice_mut(ndarray::s![t.prompt, layer, ..]).as_slice_mut().unwrap().copy_from_slice(src);
+                acts.slice_mut(ndarray::s![t.slot, layer, ..]).as_slice_mut().unwrap().copy_from_slice(src);
             }
         });
     }
@@ -122,16 +123,23 @@ impl DecodeStats {
 }
 
 /// Decodes every prompt up to its last token, one sequence per prompt, as many
-/// per batch as fit. With `reuse_prefix`, the shared prefix is decoded once in
-/// sequence 0 and shared with the others through the KV cache.
+/// per batch as fit, and plans reads of the tokens `offsets` before each
+/// prompt's last (0 is the last token). With `reuse_prefix`, the shared prefix
+/// is decoded once in sequence 0 and shared with the others through the KV cache.
 pub fn decode_prompts<H: BatchAware>(
     ctx: &mut Context<'_, H>,
     prompts: &[Vec<i32>],
+    offsets: &[usize],
     reuse_prefix: bool,
     progress: &ProgressBar,
 ) -> Result<DecodeStats> {
     let start = std::time::Instant::now();
-    let prefix = if reuse_prefix { shared_prefix_len(prompts) } else { 0 };
+    let deepest = offsets.iter().copied().max().unwrap_or(0);
+    if let Some(p) = prompts.iter().position(|p| p.len() <= deepest) {
+        bail!("prompt {} is {} tokens long, too short to read {deepest} tokens before its last", p + 1, prompts[p].len());
+    }
+    let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
+    let prefix = if reuse_prefix { shared_prefix_len(prompts).min(shortest - 1 - deepest) } else { 0 };
     let n_ctx = ctx.n_ctx();
     if prefix + 1 > n_ctx {
         bail!("the shared prompt prefix ({prefix} tokens) does not fit the context ({n_ctx})");
@@ -191,12 +199,14 @@ pub fn decode_prompts<H: BatchAware>(
                     flush(ctx, &mut batch, &mut last_tokens)?;
                     outputs = 0;
                 }
-                let last = k + 1 == own.len();
-                if last {
-                    last_tokens.push(LastToken { token_row: batch.len(), output_row: outputs, prompt: p });
-                    outputs += 1;
+                let from_end = own.len() - 1 - k;
+                let read = offsets.iter().position(|&o| o == from_end);
+                if let Some(r) = read {
+                    last_tokens.push(LastToken { token_row: batch.len(), output_row: outputs, slot: p * offsets.len() + r });
                 }
-                batch.add(token, (prefix + k) as i32, j as i32 + 1, last);
+                let output = read.is_some() || from_end == 0;
+                outputs += output as usize;
+                batch.add(token, (prefix + k) as i32, j as i32 + 1, output);
             }
         }
         flush(ctx, &mut batch, &mut last_tokens)?;
@@ -208,16 +218,18 @@ pub fn decode_prompts<H: BatchAware>(
     Ok(DecodeStats { prompts: prompts.len(), tokens: decoded, seconds: start.elapsed().as_secs_f64() })
 }
 
-/// Last-token activations `[prompt, layer, n_embd]` of the given layers
-/// (other layers stay zero).
+/// Activations `[prompt * offsets.len() + i, layer, n_embd]` of the given
+/// layers at the token `offsets[i]` before each prompt's last (other layers
+/// stay zero).
 pub fn capture(
     ctx: &mut Context<'_, CaptureHook>,
     prompts: &[Vec<i32>],
+    offsets: &[usize],
     reuse_prefix: bool,
     progress: &ProgressBar,
 ) -> Result<(Array3<f32>, DecodeStats)> {
-    ctx.hook_mut().begin(prompts.len());
-    let stats = decode_prompts(ctx, prompts, reuse_prefix, progress)?;
+    ctx.hook_mut().begin(prompts.len() * offsets.len());
+    let stats = decode_prompts(ctx, prompts, offsets, reuse_prefix, progress)?;
     Ok((ctx.hook_mut().take(), stats))
 }
 
@@ -227,10 +239,11 @@ pub fn capture_prompts(
     model: &Model,
     params: &ContextParams,
     prompts: &[Vec<i32>],
+    offsets: &[usize],
     layers: &[usize],
     progress: &ProgressBar,
 ) -> Result<(Array3<f32>, DecodeStats)> {
     let mut ctx = Context::new(model, params, CaptureHook::new(model, layers), true)?;
     progress.set_length(prompts.len() as u64);
-    capture(&mut ctx, prompts, true, progress)
+    capture(&mut ctx, prompts, offsets, true, progress)
 }

@@ -58,6 +58,9 @@ pub struct Outcome {
     pub gate: Option<GateDecision>,
     pub steered: bool,
     pub n_tokens: usize,
+    /// For jailbreaks: the template family.
+    #[serde(default)]
+    pub family: Option<String>,
 }
 
 impl Outcome {
@@ -74,6 +77,7 @@ impl Outcome {
             gate,
             steered,
             n_tokens,
+            family: item.family.clone(),
         }
     }
 }
@@ -202,6 +206,16 @@ pub fn figures(outcomes: &[&Outcome]) -> SetFigures {
         gate_fired_rate: (!gated.is_empty()).then(|| gated.iter().filter(|g| g.harmful).count() as f64 / gated.len() as f64),
         accuracy: (!graded.is_empty()).then(|| graded.iter().filter(|&&c| c).count() as f64 / graded.len() as f64),
     }
+}
+
+/// Jailbreak figures by mode, then by template family.
+pub fn summarise_families(outcomes: &[Outcome]) -> BTreeMap<String, BTreeMap<String, SetFigures>> {
+    let mut by_mode: BTreeMap<String, BTreeMap<String, Vec<&Outcome>>> = BTreeMap::new();
+    for o in outcomes.iter().filter(|o| o.set == Set::Jailbreak) {
+        let family = o.family.clone().unwrap_or_else(|| "-".into());
+        by_mode.entry(o.mode.clone()).or_default().entry(family).or_default().push(o);
+    }
+    by_mode.into_iter().map(|(mode, fams)| (mode, fams.into_iter().map(|(f, os)| (f, figures(&os))).collect())).collect()
 }
 
 /// Figures by mode, then by set.

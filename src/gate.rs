@@ -9,13 +9,16 @@ use crate::vectors::{LayerStats, VectorFile};
 #[derive(Clone, Debug)]
 pub struct Gate {
     pub layer: usize,
+    /// Tokens before the prompt's last that the gate reads (0: the last).
+    pub offset: usize,
     /// Unit safety-related direction at `layer`.
     pub direction: Vec<f32>,
     pub bias: f32,
 }
 
 impl Gate {
-    /// The file's calibrated gate, optionally at another layer or with another bias.
+    /// The file's calibrated gate, optionally at another layer (which reads
+    /// the last token with that layer's `direction.<k>`) or with another bias.
     pub fn from_file(file: &VectorFile, layer: Option<usize>, bias: Option<f32>) -> Result<Gate> {
         let cal = file.calibration.as_ref();
         let layer = match (layer, cal) {
@@ -23,7 +26,12 @@ impl Gate {
             (None, Some(cal)) => cal.gate_layer,
             (None, None) => anyhow::bail!("the vector file has no gate calibration; pass --layer and --bias"),
         };
-        let direction = file.direction(layer)?.to_vec();
+        let own = cal.filter(|c| c.gate_layer == layer).map(|c| &c.gate);
+        let offset = own.map_or(0, |g| g.offset);
+        let direction = match own.and_then(|g| g.direction.clone()) {
+            Some(d) => d,
+            None => file.direction(layer)?.to_vec(),
+        };
         let bias = match bias {
             Some(b) => b,
             None => {
@@ -33,7 +41,7 @@ impl Gate {
             }
         };
         anyhow::ensure!(bias.is_finite(), "the gate bias must be a finite number");
-        Ok(Gate { layer, direction, bias })
+        Ok(Gate { layer, offset, direction, bias })
     }
 
     pub fn score(&self, activation: &[f32]) -> f32 {
@@ -111,24 +119,9 @@ pub fn fit_layer(layer: usize, acts: &LayerActs) -> (Vec<f32>, LayerStats) {
         fpr: held.fpr,
         srv_norm,
         mean_norm,
+        worst_tpr: f32::NAN,
     };
     (unit.to_vec(), stats)
-}
-
-/// The layer whose gate is most accurate on held-out prompts; ties go to the
-/// lower false-positive rate, then to the earlier layer (cheaper to gate before
-/// steering starts).
-pub fn choose_gate_layer(stats: &[LayerStats]) -> usize {
-    stats
-        .iter()
-        .max_by(|a, b| {
-            a.accuracy
-                .total_cmp(&b.accuracy)
-                .then(b.fpr.total_cmp(&a.fpr))
-                .then(b.layer.cmp(&a.layer))
-        })
-        .map(|s| s.layer)
-        .expect("at least one layer")
 }
 
 /// Share of labelled prompts whose decision is right and survives any change of

@@ -141,19 +141,30 @@ impl std::ops::AddAssign for RunStats {
 }
 
 /// Decodes the prompt `tokens` of sequence `seq` from position 0, in batches of
-/// the batch's capacity, requesting output only for the last token.
-fn prefill<H: BatchAware>(ctx: &mut Context<'_, H>, batch: &mut Batch, tokens: &[i32], seq: i32) -> Result<()> {
-    for (chunk_index, chunk) in tokens.chunks(batch.capacity()).enumerate() {
+/// the batch's capacity, requesting output only for the last token. The last
+/// batch keeps at least `tail` tokens, so the token the gate reads (that many
+/// before the last) is decoded with the last one.
+fn prefill<H: BatchAware>(ctx: &mut Context<'_, H>, batch: &mut Batch, tokens: &[i32], seq: i32, tail: usize) -> Result<()> {
+    for range in chunk_ranges(tokens.len(), batch.capacity(), tail) {
         batch.clear();
-        let offset = chunk_index * batch.capacity();
-        for (i, &token) in chunk.iter().enumerate() {
-            let last = offset + i + 1 == tokens.len();
-            batch.add(token, (offset + i) as i32, seq, last);
+        for i in range {
+            batch.add(tokens[i], i as i32, seq, i + 1 == tokens.len());
         }
         ctx.hook_mut().plan(&*batch, &[]);
         ctx.decode(batch).context("prompt decode failed")?;
     }
     Ok(())
+}
+
+/// Consecutive ranges of at most `capacity` covering `0..len`, the last one at
+/// least `tail` long (when `tail <= capacity`).
+fn chunk_ranges(len: usize, capacity: usize, tail: usize) -> Vec<std::ops::Range<usize>> {
+    let capacity = capacity.max(1);
+    let last_start = len.saturating_sub(1) / capacity * capacity;
+    let last_start = last_start.min(len.saturating_sub(tail.min(capacity)));
+    let mut ranges: Vec<_> = (0..last_start).step_by(capacity).map(|s| s..(s + capacity).min(last_start)).collect();
+    ranges.push(last_start..len);
+    ranges
 }
 
 /// Continuous batching: each request owns one sequence; new requests join
@@ -183,6 +194,10 @@ impl<'c, 'm> Engine<'c, 'm> {
     /// Decodes at most `rows` requests per `llama_decode` call.
     pub fn limit_rows(&mut self, rows: usize) {
         self.max_rows = rows.max(1);
+    }
+
+    pub fn hook_mut(&mut self) -> &mut SteerHook {
+        self.ctx.hook_mut()
     }
 
     pub fn stats(&self) -> RunStats {
@@ -222,15 +237,16 @@ impl<'c, 'm> Engine<'c, 'm> {
         ctx.seq_rm(seq as i32, -1, -1);
         ctx.hook_mut().begin_request(seq);
         let single_pass = ctx.hook().single_pass(prompt.len(), batch.capacity());
+        let tail = ctx.hook().gate().map_or(1, |g| g.offset + 1);
         ctx.hook_mut().set_shift_enabled(single_pass);
-        let first = prefill(ctx, batch, prompt, seq as i32);
+        let first = prefill(ctx, batch, prompt, seq as i32, tail);
         ctx.hook_mut().set_shift_enabled(true);
         first?;
         let mut passes = 1;
         if !single_pass && ctx.hook().is_steered(seq) {
             // The gate fired after some steered layers had run: decode again, shifted throughout.
             ctx.seq_rm(seq as i32, -1, -1);
-            prefill(ctx, batch, prompt, seq as i32)?;
+            prefill(ctx, batch, prompt, seq as i32, tail)?;
             passes = 2;
         }
         self.stats.prompt_tokens += prompt.len() * passes;
@@ -454,6 +470,22 @@ pub fn run<'m>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn prompt_chunks_keep_the_gated_token_with_the_last() {
+        assert_eq!(super::chunk_ranges(10, 4, 1), vec![0..4, 4..8, 8..10]);
+        assert_eq!(super::chunk_ranges(9, 4, 3), vec![0..4, 4..6, 6..9]);
+        assert_eq!(super::chunk_ranges(8, 4, 5), vec![0..4, 4..8]);
+        assert_eq!(super::chunk_ranges(3, 8, 5), vec![0..3]);
+        for (len, cap, tail) in [(1, 1, 1), (7, 3, 2), (100, 16, 6), (5, 5, 5)] {
+            let r = super::chunk_ranges(len, cap, tail);
+            assert_eq!(r.first().unwrap().start, 0);
+            assert_eq!(r.last().unwrap().end, len);
+            assert!(r.windows(2).all(|w| w[0].end == w[1].start));
+            assert!(r.iter().all(|c| c.len() <= cap && !c.is_empty()));
+            assert!(r.last().unwrap().len() >= tail.min(cap).min(len));
+        }
+    }
+
     use rand::{Rng, SeedableRng};
 
     use super::*;

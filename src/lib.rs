@@ -3,7 +3,9 @@
 //!
 //! extract → vector file → gate (and, later, steer):
 //! - [`capture`] reads last-token activations through the eval callback,
-//! - [`extract`] turns them into safety-related vectors,
+//! - [`extract`] turns them into safety-related vectors, fitting the gate on
+//!   [`trainset`] (plain, [`wrappers`]-dressed and multi-turn prompts) and
+//!   choosing it by [`crossval`] over held-out families,
 //! - [`gate`] decides from one layer whether a request is harmful,
 //! - [`steer`] is the hook where the gate decides and the shift happens,
 //! - [`generate`] batches requests (continuous batching), [`server`] serves them over HTTP,
@@ -14,6 +16,7 @@
 pub mod cache;
 pub mod capi;
 pub mod capture;
+pub mod crossval;
 pub mod drift;
 pub mod eval;
 pub mod extract;
@@ -26,4 +29,7 @@ pub mod prompts;
 pub mod server;
 pub mod shipped;
 pub mod steer;
+pub mod strength;
+pub mod trainset;
 pub mod vectors;
+pub mod wrappers;

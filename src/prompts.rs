@@ -119,6 +119,20 @@ impl Template {
         Ok(template)
     }
 
+    /// Tokens the template puts after the last user turn's content (end of
+    /// turn, assistant header): how far before the last prompt token the
+    /// user's own last token sits. None when the template's tokens around the
+    /// content do not split cleanly there.
+    pub fn post_instruction_len(&self, model: &Model) -> Result<Option<usize>> {
+        const PROBE: &str = "Say the word probe";
+        let text = self.apply(model, PROBE)?;
+        let Some(at) = text.rfind(PROBE) else { return Ok(None) };
+        let head = &text[..at + PROBE.len()];
+        let whole = tokenize(model, &text)?;
+        let head = tokenize(model, head)?;
+        Ok(whole.starts_with(&head).then(|| whole.len() - head.len()))
+    }
+
     /// The text the model sees for one user turn, with the generation prompt.
     pub fn apply(&self, model: &Model, instruction: &str) -> Result<String> {
         self.apply_chat(model, &[("user", instruction)])
@@ -191,17 +205,22 @@ pub fn prepare(model: &Model, template: &Template, prompts: &[String], n_ctx: us
         .enumerate()
         .map(|(i, prompt)| {
             let tokens = tokenize(model, &template.apply(model, prompt)?)?;
-            if tokens.len() > n_ctx {
-                bail!(
-                    "prompt {} ({:?}) is {} tokens long, more than the context size {n_ctx}; shorten it or raise --ctx-size",
-                    i + 1,
-                    preview(prompt),
-                    tokens.len()
-                );
-            }
+            check_length(i, prompt, tokens.len(), n_ctx)?;
             Ok(tokens)
         })
         .collect()
+}
+
+/// An error naming prompt `index` (0-based) when its `n_tokens` exceed `n_ctx`.
+pub fn check_length(index: usize, prompt: &str, n_tokens: usize, n_ctx: usize) -> Result<()> {
+    if n_tokens > n_ctx {
+        bail!(
+            "prompt {} ({:?}) is {n_tokens} tokens long, more than the context size {n_ctx}; shorten it or raise --ctx-size",
+            index + 1,
+            preview(prompt)
+        );
+    }
+    Ok(())
 }
 
 /// The first few words of a prompt, for error messages and tables.

@@ -11,7 +11,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::capture::{BatchAware, LastToken};
 use crate::gate::Gate;
 use crate::llama::{BatchLayout, LayerHook, LayerOutput};
-use crate::vectors::VectorFile;
+use crate::vectors::{Strength, VectorFile};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -45,19 +45,36 @@ pub fn parse_layers(spec: &str) -> Result<Vec<usize>> {
     Ok(layers)
 }
 
-/// The safety steering vectors, scaled: `alpha * theta_l` for each `l` in `L_G`.
+/// `3,5,7` or `14-18`: a layer list as `--layers` takes it.
+pub fn format_layers(layers: &[usize]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < layers.len() {
+        let mut j = i;
+        while j + 1 < layers.len() && layers[j + 1] == layers[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j > i { format!("{}-{}", layers[i], layers[j]) } else { layers[i].to_string() });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+/// The safety steering vectors, scaled: `alpha_l * theta_l` for each `l` in `L_G`.
 #[derive(Clone, Debug)]
 pub struct Steering {
-    pub alpha: f32,
+    pub strength: Strength,
     pub layers: Vec<usize>,
     shifts: Vec<Option<Vec<f32>>>,
 }
 
 impl Steering {
-    /// `n_layer` is the target model's depth; the file must hold every layer asked for.
-    pub fn new(ssv: &VectorFile, alpha: f32, layers: &[usize], n_layer: usize) -> Result<Steering> {
-        if !alpha.is_finite() {
-            bail!("--alpha must be a finite number");
+    /// `n_layer` is the target model's depth; the file must hold every layer
+    /// asked for, and, for a relative strength, its mean activation norms.
+    pub fn new(ssv: &VectorFile, strength: Strength, layers: &[usize], n_layer: usize) -> Result<Steering> {
+        let (Strength::Alpha(x) | Strength::Relative(x)) = strength;
+        if !x.is_finite() {
+            bail!("the steering strength must be a finite number");
         }
         if layers.is_empty() {
             bail!("no layers to steer");
@@ -72,12 +89,13 @@ impl Steering {
             if norm == 0.0 {
                 bail!("the steering vector of layer {layer} is zero");
             }
+            let alpha = alpha_at(ssv, strength, layer)?;
             shifts[layer] = Some(theta.iter().map(|x| alpha * x / norm).collect());
         }
         let mut layers = layers.to_vec();
         layers.sort_unstable();
         layers.dedup();
-        Ok(Steering { alpha, layers, shifts })
+        Ok(Steering { strength, layers, shifts })
     }
 
     pub fn first_layer(&self) -> usize {
@@ -98,6 +116,20 @@ impl Steering {
             }
         }
         data
+    }
+}
+
+/// The absolute strength at `layer`: a relative one scales the layer's mean activation norm.
+pub fn alpha_at(file: &VectorFile, strength: Strength, layer: usize) -> Result<f32> {
+    match strength {
+        Strength::Alpha(alpha) => Ok(alpha),
+        Strength::Relative(s) => {
+            let norm = file.calibration.as_ref().and_then(|c| c.layer(layer)).map(|l| l.mean_norm).filter(|n| n.is_finite() && *n > 0.0);
+            let norm = norm.with_context(|| {
+                format!("a relative --strength needs the mean activation norm of layer {layer}, which the steering file lacks (files from `inferalign extract` have it); pass --alpha instead")
+            })?;
+            Ok(s * norm)
+        }
     }
 }
 
@@ -128,8 +160,9 @@ pub struct SteerHook {
     /// Sequence of each token row, and of each output row, in the current batch.
     row_seq: Vec<usize>,
     output_seq: Vec<usize>,
-    /// (token row, output row, sequence) of last prompt tokens to gate in this batch.
-    gate_rows: Vec<(usize, usize, usize)>,
+    /// (token row, output row, sequence) of the tokens to gate in this batch;
+    /// None where the token is not in the batch, or is no output row.
+    gate_rows: Vec<(Option<usize>, Option<usize>, usize)>,
 }
 
 impl SteerHook {
@@ -199,6 +232,11 @@ impl SteerHook {
         }
     }
 
+    /// Replaces the steering vectors and strength (between runs).
+    pub fn set_steering(&mut self, steering: Steering) {
+        self.steering = steering;
+    }
+
     pub fn set_shift_enabled(&mut self, enabled: bool) {
         self.shift_enabled = enabled;
     }
@@ -214,9 +252,12 @@ impl SteerHook {
         let mut decided = Vec::new();
         out.read(|data| {
             for &(token_row, output_row, seq) in &self.gate_rows {
+                // The gate reads a row only where this tensor has it; a
+                // decision it cannot take is "harmful", never "harmless".
                 let row = if all_rows { token_row } else { output_row };
-                let score = gate.score(&data[row * n_embd..(row + 1) * n_embd]);
-                decided.push((seq, GateDecision { score, harmful: Gate::is_harmful(score), layer }));
+                let score = row.filter(|&r| r < data.len() / n_embd.max(1)).map_or(f32::NAN, |r| gate.score(&data[r * n_embd..(r + 1) * n_embd]));
+                let harmful = !score.is_finite() || Gate::is_harmful(score);
+                decided.push((seq, GateDecision { score, harmful, layer }));
             }
         });
         for (seq, decision) in decided {
@@ -266,15 +307,38 @@ impl BatchAware for SteerHook {
         self.row_seq.clear();
         self.output_seq.clear();
         self.gate_rows.clear();
+        let offset = self.gate.as_ref().map_or(0, |g| g.offset);
+        let mut output_row = vec![None; batch.len()];
         for row in 0..batch.len() {
             let seq = batch.seq(row) as usize;
             self.row_seq.push(seq);
             if batch.is_output(row) {
+                output_row[row] = Some(self.output_seq.len());
                 if self.requests.get(seq).is_some_and(|r| r.awaiting_gate) {
-                    self.gate_rows.push((row, self.output_seq.len(), seq));
+                    // The gate reads `offset` tokens before the last prompt
+                    // token; NaN (harmful) when that token is not in this batch.
+                    let gate_row = row.checked_sub(offset).filter(|&r| batch.seq(r) as usize == seq);
+                    self.gate_rows.push((gate_row, None, seq));
                 }
                 self.output_seq.push(seq);
             }
         }
+        for entry in &mut self.gate_rows {
+            entry.1 = entry.0.and_then(|r| output_row[r]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_lists_print_as_they_parse() {
+        for spec in ["3,5,7", "14-18", "1,3-5,9", "2"] {
+            assert_eq!(format_layers(&parse_layers(spec).unwrap()), spec);
+        }
+        assert!(parse_layers("5-3").is_err());
+        assert!(parse_layers("").is_err());
     }
 }

@@ -25,6 +25,8 @@ pub struct LayerStats {
     pub srv_norm: f32,
     /// Mean |a_l| of the training prompts' last-token activations.
     pub mean_norm: f32,
+    /// The lowest TPR over prompt families held out of fitting (cross-validation).
+    pub worst_tpr: f32,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -67,6 +69,23 @@ pub struct Calibration {
     pub layers: Vec<LayerStats>,
     pub model: ModelIdentity,
     pub data: DataIdentity,
+    pub gate: GateFit,
+}
+
+/// How the gate at `gate_layer` was fitted and what it scored on prompts it never saw.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct GateFit {
+    /// Tokens before the last prompt token that the gate reads (0: the last).
+    pub offset: usize,
+    /// The gate's own unit direction; None: `direction.<gate_layer>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direction: Option<Vec<f32>>,
+    /// Prompt families of cross-validation, and the TPR of each at each layer
+    /// (`family_tpr[family][layer]`; NaN where not measured).
+    pub families: Vec<String>,
+    pub family_tpr: Vec<Vec<f32>>,
+    /// TPR and FPR of the final gate on plain held-out prompts, when some were held out.
+    pub held_out: Option<(f32, f32)>,
 }
 
 impl Calibration {
@@ -75,11 +94,22 @@ impl Calibration {
     }
 }
 
-/// Steering defaults chosen by `inferalign sweep`.
+/// Steering defaults, chosen by `extract`'s generation check or `sweep`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct SteerDefaults {
-    pub alpha: f32,
+    pub strength: Strength,
     pub layers: Vec<usize>,
+}
+
+/// How far the shift moves the residual stream.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum Strength {
+    /// `alpha * theta_l` at every steered layer.
+    Alpha(f32),
+    /// `s * mean|a_l| * theta_l`: a fraction of the layer's own activation
+    /// norm, so one value means the same on models of different scale.
+    Relative(f32),
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -148,7 +178,10 @@ impl VectorFile {
             write_calibration(&mut w, cal);
         }
         if let Some(d) = &self.defaults {
-            w.set(&key("default.alpha"), GgufValue::F32(d.alpha));
+            match d.strength {
+                Strength::Alpha(alpha) => w.set(&key("default.alpha"), GgufValue::F32(alpha)),
+                Strength::Relative(s) => w.set(&key("default.strength"), GgufValue::F32(s)),
+            }
             w.set(&key("default.layers"), GgufValue::U32Array(d.layers.iter().map(|&l| l as u32).collect()));
         }
         for (layer, v) in &self.directions {
@@ -194,12 +227,18 @@ fn read_file(path: &Path) -> Result<VectorFile> {
         Some(_) => Some(read_calibration(&file, &directions)?),
         None => None,
     };
-    let defaults = match (file.get(&key("default.alpha")), file.get(&key("default.layers"))) {
-        (Some(GgufValue::F32(alpha)), Some(GgufValue::U32Array(layers))) if alpha.is_finite() => {
-            Some(SteerDefaults { alpha, layers: layers.into_iter().map(|l| l as usize).collect() })
+    let strength = match (file.get(&key("default.alpha")), file.get(&key("default.strength"))) {
+        (Some(GgufValue::F32(alpha)), None) if alpha.is_finite() => Some(Strength::Alpha(alpha)),
+        (None, Some(GgufValue::F32(s))) if s.is_finite() => Some(Strength::Relative(s)),
+        (None, None) => None,
+        _ => bail!("metadata {} / {} are malformed", key("default.alpha"), key("default.strength")),
+    };
+    let defaults = match (strength, file.get(&key("default.layers"))) {
+        (Some(strength), Some(GgufValue::U32Array(layers))) => {
+            Some(SteerDefaults { strength, layers: layers.into_iter().map(|l| l as usize).collect() })
         }
         (None, None) => None,
-        _ => bail!("metadata {} / {} are malformed", key("default.alpha"), key("default.layers")),
+        _ => bail!("metadata {} is malformed or lacks its strength", key("default.layers")),
     };
     Ok(VectorFile { model_hint, layer_count, n_embd, directions, calibration, defaults })
 }
@@ -229,8 +268,22 @@ fn write_calibration(w: &mut GgufWriter, cal: &Calibration) {
     w.set(&key("gate.accuracy"), per_layer(cal, |l| l.accuracy));
     w.set(&key("gate.tpr"), per_layer(cal, |l| l.tpr));
     w.set(&key("gate.fpr"), per_layer(cal, |l| l.fpr));
+    w.set(&key("gate.worst_tpr"), per_layer(cal, |l| l.worst_tpr));
     w.set(&key("srv_norm"), per_layer(cal, |l| l.srv_norm));
     w.set(&key("mean_norm"), per_layer(cal, |l| l.mean_norm));
+    let g = &cal.gate;
+    w.set(&key("gate.offset"), GgufValue::U32(g.offset as u32));
+    if let Some(direction) = &g.direction {
+        w.set(&key("gate.direction"), GgufValue::F32Array(direction.clone()));
+    }
+    if !g.families.is_empty() {
+        w.set(&key("gate.families"), s(&g.families.join(",")));
+        w.set(&key("gate.family_tpr"), GgufValue::F32Array(g.family_tpr.concat()));
+    }
+    if let Some((tpr, fpr)) = g.held_out {
+        w.set(&key("gate.held_out_tpr"), GgufValue::F32(tpr));
+        w.set(&key("gate.held_out_fpr"), GgufValue::F32(fpr));
+    }
     let m = &cal.model;
     w.set(&key("model.architecture"), s(&m.architecture));
     w.set(&key("model.name"), s(&m.name));
@@ -304,6 +357,8 @@ fn read_calibration(file: &GgufFile, directions: &BTreeMap<usize, Vec<f32>>) -> 
     let [bias, accuracy, tpr, fpr, srv_norm, mean_norm] =
         ["gate.bias", "gate.accuracy", "gate.tpr", "gate.fpr", "srv_norm", "mean_norm"].map(|k| r.floats(k, n));
     let (bias, accuracy, tpr, fpr, srv_norm, mean_norm) = (bias?, accuracy?, tpr?, fpr?, srv_norm?, mean_norm?);
+    // Files from before cross-validation have no worst-family figure.
+    let worst_tpr = r.floats("gate.worst_tpr", n).unwrap_or_else(|_| vec![f32::NAN; n]);
     if let Some(i) = bias.iter().position(|b| !b.is_finite()) {
         bail!("gate bias of layer {i} is not finite");
     }
@@ -318,6 +373,7 @@ fn read_calibration(file: &GgufFile, directions: &BTreeMap<usize, Vec<f32>>) -> 
             fpr: fpr[l],
             srv_norm: srv_norm[l],
             mean_norm: mean_norm[l],
+            worst_tpr: worst_tpr[l],
         })
         .collect();
     let gate_layer = r.uint("gate.layer")? as usize;
@@ -330,7 +386,9 @@ fn read_calibration(file: &GgufFile, directions: &BTreeMap<usize, Vec<f32>>) -> 
         Some(_) => bail!("metadata {} is not a finite, non-negative float", key("gate.robust_rho")),
         None => None,
     };
+    let gate = read_gate_fit(&r, n, directions.values().next().map_or(0, Vec::len))?;
     Ok(Calibration {
+        gate,
         kind: r.str("kind")?,
         tool_version: r.str("tool_version")?,
         gate_layer,
@@ -345,4 +403,27 @@ fn read_calibration(file: &GgufFile, directions: &BTreeMap<usize, Vec<f32>>) -> 
             seed,
         },
     })
+}
+
+fn read_gate_fit(r: &Reader, n_layer: usize, n_embd: usize) -> Result<GateFit> {
+    let offset = r.uint("gate.offset").unwrap_or(0) as usize;
+    let direction = match r.0.get(&key("gate.direction")) {
+        Some(GgufValue::F32Array(v)) if v.len() == n_embd && v.iter().all(|x| x.is_finite()) => Some(v),
+        Some(_) => bail!("metadata {} is not {n_embd} finite floats", key("gate.direction")),
+        None => None,
+    };
+    let families: Vec<String> = match r.str("gate.families") {
+        Ok(s) if !s.is_empty() => s.split(',').map(String::from).collect(),
+        _ => Vec::new(),
+    };
+    let family_tpr = if families.is_empty() {
+        Vec::new()
+    } else {
+        r.floats("gate.family_tpr", families.len() * n_layer)?.chunks(n_layer).map(<[f32]>::to_vec).collect()
+    };
+    let held_out = match (r.0.get(&key("gate.held_out_tpr")), r.0.get(&key("gate.held_out_fpr"))) {
+        (Some(GgufValue::F32(t)), Some(GgufValue::F32(f))) => Some((t, f)),
+        _ => None,
+    };
+    Ok(GateFit { offset, direction, families, family_tpr, held_out })
 }

@@ -194,3 +194,20 @@ fn bad_lora_adapters_are_rejected() {
     let lora = common::abliterated_lora();
     classify(dir.path(), &shipped, &["--lora", lora.to_str().unwrap(), "--lora-scale", "1", "--lora-scale", "2"], "one scale per adapter");
 }
+
+#[test]
+fn a_file_without_steering_defaults_never_steers_with_a_guessed_strength() {
+    let dir = common::tempdir();
+    let vectors = plain_vectors(&dir.path().join("plain.gguf"), 896, 1..24);
+    let model = common::model(common::QWEN);
+    let gate = ["--gate", vectors.to_str().unwrap(), "--gate-layer", "12", "--bias", "0"];
+    for mode in ["gated", "always"] {
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "-p", "Hello", "-n", "2", "--mode", mode];
+        args.extend(gate);
+        common::cli_err(&args, "holds no steering defaults");
+    }
+    // Plain decoding steers nothing, so it needs no strength.
+    let mut args = vec!["generate", "--model", model.to_str().unwrap(), "-p", "Hello", "-n", "2", "--mode", "plain"];
+    args.extend(gate);
+    common::cli_ok(&args);
+}

@@ -48,10 +48,10 @@ fn alone_vs_batch(model: &Model, name: &str, params: &ContextParams) -> f32 {
     let hidden = ProgressBar::hidden();
     let mut worst: f32 = 0.0;
     for probe in [0, 7, 13] {
-        let (alone, _) = capture(&mut ctx, &all[probe..=probe], false, &hidden).unwrap();
+        let (alone, _) = capture(&mut ctx, &all[probe..=probe], &[0], false, &hidden).unwrap();
         for others in [&all[20..52], &all[48..80]] {
             let batch: Vec<Vec<i32>> = std::iter::once(all[probe].clone()).chain(others.iter().cloned()).collect();
-            let (batched, stats) = capture(&mut ctx, &batch, true, &hidden).unwrap();
+            let (batched, stats) = capture(&mut ctx, &batch, &[0], true, &hidden).unwrap();
             assert_eq!(stats.prompts, 33);
             worst = worst.max(max_error(model, &alone, 0, &batched, 0));
         }
@@ -99,7 +99,7 @@ fn forced_device_copy_path_reads_the_same_activations() {
     let run = |force_device_copy: bool| {
         let params = ContextParams { force_device_copy, ..ContextParams::default() };
         let mut ctx = Context::new(&model, &params, CaptureHook::new(&model, &layers), true).unwrap();
-        capture(&mut ctx, &tokens, true, &hidden).unwrap().0
+        capture(&mut ctx, &tokens, &[0], true, &hidden).unwrap().0
     };
     let (host, device) = (run(false), run(true));
     assert_eq!(host, device, "host and ggml_backend_tensor_get paths disagree");
@@ -113,8 +113,8 @@ fn shared_prefix_is_decoded_once() {
     assert!(prefix > 10, "Qwen's template should share a system prompt, got {prefix} tokens");
     let mut ctx = Context::new(&model, &ContextParams::default(), CaptureHook::new(&model, &[1]), true).unwrap();
     let hidden = ProgressBar::hidden();
-    let (_, reused) = capture(&mut ctx, &tokens, true, &hidden).unwrap();
-    let (_, whole) = capture(&mut ctx, &tokens, false, &hidden).unwrap();
+    let (_, reused) = capture(&mut ctx, &tokens, &[0], true, &hidden).unwrap();
+    let (_, whole) = capture(&mut ctx, &tokens, &[0], false, &hidden).unwrap();
     let total: usize = tokens.iter().map(Vec::len).sum();
     assert_eq!(whole.tokens, total);
     assert_eq!(reused.tokens, total - prefix * (tokens.len() - 1));

@@ -112,7 +112,7 @@ fn a_perturbation_under_the_certified_margin_never_flips_the_gate() {
     let template = Template::resolve(&model, None, None).unwrap();
     let all = [harmful.clone(), harmless].concat();
     let tokens = prepare(&model, &template, &all, 4096).unwrap();
-    let (acts, _) = capture_prompts(&model, &ContextParams::default(), &tokens, &[gate.layer], &indicatif::ProgressBar::hidden()).unwrap();
+    let (acts, _) = capture_prompts(&model, &ContextParams::default(), &tokens, &[0], &[gate.layer], &indicatif::ProgressBar::hidden()).unwrap();
 
     let mut certified = 0;
     for (i, _) in all.iter().enumerate() {
@@ -151,11 +151,11 @@ fn cross_model_guidance_steers_the_fine_tune_and_leaves_closed_gates_alone() {
     let target_gate = dir.path().join("target.srv.gguf");
     common::cli_ok(&[
         "extract", "-m", qwen, "--lora", lora, "--harmful", harmful_file.to_str().unwrap(), "--harmless",
-        harmless_file.to_str().unwrap(), "--train", "16", "-o", target_gate.to_str().unwrap(),
+        harmless_file.to_str().unwrap(), "--train", "16", "--wraps", "1", "--no-check", "-o", target_gate.to_str().unwrap(),
     ]);
     let out = dir.path().join("eval");
     let mut args = vec![
-        "eval", "-m", qwen, "--lora", lora, "--gate", target_gate.to_str().unwrap(), "--alpha", "7", "--sets", "harmful,harmless",
+        "eval", "-m", qwen, "--lora", lora, "--gate", target_gate.to_str().unwrap(), "--alpha", "7", "--layers", "14-18", "--sets", "harmful,harmless",
         "--harmful", harmful_file.to_str().unwrap(), "--harmless", harmless_file.to_str().unwrap(), "--limit", "4", "-n", "12",
         "--modes", "plain,self-guided,cross-model", "-o", out.to_str().unwrap(),
     ];

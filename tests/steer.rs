@@ -13,7 +13,7 @@ use inferalign::generate::{self, Event, Generation, Sampling};
 use inferalign::llama::{Context, ContextParams, Model};
 use inferalign::prompts::{prepare, read_prompts, Template};
 use inferalign::steer::{Mode, SteerHook, Steering};
-use inferalign::vectors::VectorFile;
+use inferalign::vectors::{Strength, VectorFile};
 
 struct Setup {
     model: Model,
@@ -33,7 +33,7 @@ fn setup(name: &str) -> Setup {
 impl Setup {
     fn hook(&self, mode: Mode, bias: Option<f32>, alpha: f32, layers: &[usize]) -> SteerHook {
         let gate = Gate::from_file(&self.vectors, None, bias).unwrap();
-        let steering = Steering::new(&self.vectors, alpha, layers, self.model.n_layer()).unwrap();
+        let steering = Steering::new(&self.vectors, Strength::Alpha(alpha), layers, self.model.n_layer()).unwrap();
         SteerHook::new(mode, Some(gate), steering, 64).unwrap()
     }
 
@@ -141,7 +141,7 @@ fn open_gate_adds_exactly_alpha_theta() {
         // Without prefix reuse the single prompt decodes as sequence 1.
         ctx.hook_mut().0.begin_request(1);
         ctx.hook_mut().1.begin(1);
-        decode_prompts(&mut ctx, &tokens, false, &ProgressBar::hidden()).unwrap();
+        decode_prompts(&mut ctx, &tokens, &[0], false, &ProgressBar::hidden()).unwrap();
         let opened = ctx.hook().0.decision(1);
         (ctx.hook_mut().1.take(), opened)
     };

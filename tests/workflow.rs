@@ -71,12 +71,12 @@ fn sweep_writes_defaults_that_generate_uses() {
     if out.status.success() {
         let chosen = &sweep["chosen"];
         let inspected: Value = serde_json::from_str(&common::cli_ok(&["inspect", "--json", s(&gate)])).unwrap();
-        assert_eq!(inspected["defaults"]["alpha"], chosen["alpha"]);
+        assert_eq!(inspected["defaults"]["strength"]["alpha"], chosen["alpha"]);
         assert_eq!(inspected["defaults"]["layers"], serde_json::json!([6, 7]));
         let generated = common::cli(&["generate", "--model", s(&model), "--template", "gemma", "--gate", s(&gate), "-p", "Hello", "-n", "2"]);
         let stderr = String::from_utf8_lossy(&generated.stderr);
         let alpha = chosen["alpha"].as_f64().unwrap() as f32;
-        assert!(stderr.contains(&format!("steer alpha {alpha} on layers 6..=7")), "{stderr}");
+        assert!(stderr.contains(&format!("steer alpha {alpha} on layers 6-7")), "{stderr}");
     } else {
         assert!(String::from_utf8_lossy(&out.stderr).contains("no point kept"));
     }

@@ -122,9 +122,9 @@ fn extract_bench(args: ExtractBench) -> Result<()> {
     let (mut plain_runs, mut capture_runs, mut extract_runs) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..args.runs {
         eprintln!("run {}/{}", run + 1, args.runs);
-        plain_runs.push(decode_prompts(&mut plain, &tokens, false, &hidden)?);
-        capture_runs.push(capture(&mut hooked, &tokens, false, &hidden)?.1);
-        extract_runs.push(capture(&mut hooked, &tokens, true, &hidden)?.1);
+        plain_runs.push(decode_prompts(&mut plain, &tokens, &[0], false, &hidden)?);
+        capture_runs.push(capture(&mut hooked, &tokens, &[0], false, &hidden)?.1);
+        extract_runs.push(capture(&mut hooked, &tokens, &[0], true, &hidden)?.1);
     }
     let modes = [
         mode("plain prefill (no callback)", &plain_runs),

@@ -15,7 +15,7 @@ use inferalign::extract::{data_set, model_identity, Labelled};
 use inferalign::gate::{project, rates, robust_accuracy, robust_bias};
 use inferalign::plot;
 use inferalign::prompts::{prepare, read_prompts};
-use inferalign::vectors::{Calibration, DataIdentity, LayerStats, VectorFile};
+use inferalign::vectors::{GateFit, Calibration, DataIdentity, LayerStats, VectorFile};
 
 use super::{non_negative, progress, ModelArgs};
 
@@ -90,7 +90,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
 
     let layers = vectors.layers();
     let bar = progress(0, "calibrate");
-    let (acts, _) = capture_prompts(&model, &args.model.context_params(), &tokens, &layers, &bar)?;
+    let (acts, _) = capture_prompts(&model, &args.model.context_params(), &tokens, &[0], &layers, &bar)?;
     bar.finish_and_clear();
 
     let rho = args.robust;
@@ -167,10 +167,13 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
                 fpr: f.fpr,
                 srv_norm: srv_norm(f.layer),
                 mean_norm: mean_norm(f.layer),
+                worst_tpr: f32::NAN,
             })
             .collect(),
         model: model_identity(&model)?,
         data,
+        // Re-fitted on `direction.<layer>` at the last token.
+        gate: GateFit::default(),
     });
     vectors.write(&args.out)?;
 

@@ -48,7 +48,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
     let tokens = prepare(&model, &template, &prompts, args.model.ctx_size as usize)?;
 
     let bar = progress(prompts.len() as u64, "classify");
-    let (acts, _) = capture_prompts(&model, &args.model.context_params(), &tokens, &[gate.layer], &bar)?;
+    let (acts, _) = capture_prompts(&model, &args.model.context_params(), &tokens, &[gate.offset], &[gate.layer], &bar)?;
     bar.finish_and_clear();
 
     let mut flagged = 0;

@@ -80,10 +80,10 @@ pub fn run(args: DriftArgs) -> Result<()> {
     let layers = steerable_layers(&target);
     let params = args.target.context_params();
     let bar = progress(0, "aligned");
-    let (aligned_acts, _) = capture_prompts(&aligned, &params, &tokens, &layers, &bar)?;
+    let (aligned_acts, _) = capture_prompts(&aligned, &params, &tokens, &[0], &layers, &bar)?;
     bar.finish_and_clear();
     let bar = progress(0, "target");
-    let (target_acts, _) = capture_prompts(&target, &params, &tokens, &layers, &bar)?;
+    let (target_acts, _) = capture_prompts(&target, &params, &tokens, &[0], &layers, &bar)?;
     bar.finish_and_clear();
     let layers: Vec<usize> = layers.into_iter().filter(|l| vectors.directions.contains_key(l)).collect();
     let drift = measure(aligned_acts.view(), target_acts.view(), &layers, &vectors, gate.as_ref())?;

@@ -86,7 +86,7 @@ impl EvalMode {
             EvalMode::Always => resolved.hook_for(Mode::Always, n_seq),
             EvalMode::Gated => resolved.hook_for(Mode::Gated, n_seq),
             EvalMode::SelfGuided => {
-                let own = Steering::new(&resolved.gate_file, resolved.steering.alpha, &resolved.steering.layers, model.n_layer())?;
+                let own = Steering::new(&resolved.gate_file, resolved.steering.strength, &resolved.steering.layers, model.n_layer())?;
                 SteerHook::new(Mode::Gated, Some(resolved.gate.clone()), own, n_seq)
             }
             EvalMode::CrossModel => resolved.hook_for(Mode::Gated, n_seq),
@@ -134,7 +134,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "model": model.path.display().to_string(),
         "gate": resolved.gate_path.display().to_string(),
         "steer": resolved.steer_path.display().to_string(),
-        "alpha": resolved.steering.alpha,
+        "strength": resolved.steering.strength,
         "layers": resolved.steering.layers,
         "gate_layer": resolved.gate.layer,
         "bias": resolved.gate.bias,
@@ -193,17 +193,19 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
 
     let figures = summarise(&outcomes);
+    let families = inferalign::eval::summarise_families(&outcomes);
     let report = json!({
         "tool_version": env!("CARGO_PKG_VERSION"),
         "model": model_identity(&model)?,
         "params": params,
         "gate_calibration": cal.map(|c| json!({"gate_layer": c.gate_layer, "layers": c.layers})),
         "figures": figures,
+        "jailbreak_families": families,
         "speed": speeds,
         "judge": "refusal phrases in the first 160 characters; degenerate = empty, garbage or repeated n-grams (see `inferalign judge-check`)",
     });
     std::fs::write(args.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
-    let markdown = report_markdown(&figures, &speeds, &resolved);
+    let markdown = report_markdown(&figures, &speeds, &resolved) + &family_markdown(&families);
     std::fs::write(args.out.join("report.md"), &markdown)?;
     plots(&args.out, &figures, &outcomes, &resolved)?;
     println!("{markdown}");
@@ -241,6 +243,24 @@ type Figures = BTreeMap<String, BTreeMap<String, inferalign::eval::SetFigures>>;
 
 fn pct(x: Option<f64>) -> String {
     x.map(|v| format!("{:.1}%", 100.0 * v)).unwrap_or_else(|| "-".into())
+}
+
+/// Jailbreak ASR (and gate firing) per template family and mode.
+fn family_markdown(families: &Figures) -> String {
+    let modes: Vec<&str> = MODE_NAMES.iter().copied().filter(|m| families.contains_key(*m)).collect();
+    let Some(first) = modes.first() else { return String::new() };
+    let mut md = String::from("\n## Jailbreak attack success by template family\n\n| family | n |");
+    modes.iter().for_each(|m| md.push_str(&format!(" {m} ASR (gate fired) |")));
+    md.push_str(&format!("\n|---|---|{}\n", "---|".repeat(modes.len())));
+    for (family, f) in &families[*first] {
+        md.push_str(&format!("| {family} | {} |", f.n));
+        for m in &modes {
+            let f = families[*m].get(family);
+            md.push_str(&format!(" {} ({}) |", pct(f.map(|f| f.attack_success_rate)), pct(f.and_then(|f| f.gate_fired_rate))));
+        }
+        md.push('\n');
+    }
+    md
 }
 
 fn report_markdown(figures: &Figures, speeds: &serde_json::Value, resolved: &Resolved) -> String {

@@ -5,10 +5,19 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use inferalign::extract::{data_set, extract, vector_file, Labelled};
-use inferalign::prompts::{read_prompts, split};
-use inferalign::vectors::DataIdentity;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 
+use inferalign::extract::{data_set, extract, vector_file, FitOptions, Labelled};
+use inferalign::llama::Model;
+use inferalign::prompts::{prepare, read_prompts, split, Template};
+use inferalign::steer::format_layers;
+use inferalign::strength::{check, CheckOptions};
+use inferalign::trainset::Recipe;
+use inferalign::vectors::{DataIdentity, SteerDefaults, VectorFile};
+use inferalign::wrappers::Wrappers;
+
+use super::steer_args::describe_strength;
 use super::{inspect::print_layer_table, progress, ModelArgs};
 
 #[derive(Args)]
@@ -24,37 +33,65 @@ pub struct ExtractArgs {
     /// Output vector file (GGUF, loads in llama.cpp with --control-vector)
     #[arg(short, long)]
     out: PathBuf,
-    /// Training prompts per class; the rest of each file calibrates the gate
+    /// Training prompts per class; the rest of each file (up to --held-out) only measures the gate
     #[arg(long, default_value_t = 64)]
     train: usize,
+    /// Most held-out prompts per class to measure the final gate on (0: none; the gate is chosen by cross-validation either way)
+    #[arg(long, default_value_t = 128)]
+    held_out: usize,
     /// Shuffle each file with this seed before splitting (default: file order)
     #[arg(long)]
     seed: Option<u64>,
+    /// Jailbreak-style wrapper families, JSON (default: the built-in data/wrappers.json)
+    #[arg(long)]
+    wrappers: Option<PathBuf>,
+    /// Leave this wrapper family out of fitting entirely (repeatable), e.g. to test how the gate does on a family it never saw
+    #[arg(long, value_name = "FAMILY")]
+    without_family: Vec<String>,
+    /// Wrapper families each training instruction is dressed in
+    #[arg(long, default_value_t = Recipe::default().wraps)]
+    wraps: usize,
+    /// Highest false-positive rate allowed on held-out harmless prompts (plain, wrapped and multi-turn, each)
+    #[arg(long, default_value_t = FitOptions::default().max_fpr, value_parser = super::non_negative)]
+    max_fpr: f32,
+    /// Harmful prompts (half plain, half wrapped) in the generation check that chooses the steering defaults
+    #[arg(long, default_value_t = 24)]
+    check_prompts: usize,
+    /// Skip the generation check: the file then has no steering defaults, and commands that steer need --strength and --layers
+    #[arg(long)]
+    no_check: bool,
 }
 
 pub fn run(args: ExtractArgs) -> Result<()> {
     anyhow::ensure!(args.train > 0, "--train must be at least 1");
+    let wrappers = match &args.wrappers {
+        Some(path) => Wrappers::read(path)?,
+        None => Wrappers::builtin(),
+    }
+    .without(&args.without_family)?;
     let harmful_all = read_prompts(&args.harmful)?;
     let harmless_all = read_prompts(&args.harmless)?;
     let model = args.model.load()?;
     let template = args.model.template(&model, None)?;
 
-    let (train, held_out) = split(harmful_all, args.train, args.seed);
-    let harmful = Labelled { train, held_out };
-    let (train, held_out) = split(harmless_all, args.train, args.seed);
-    let harmless = Labelled { train, held_out };
+    let labelled = |all: Vec<String>| {
+        let (train, mut held_out) = split(all, args.train, args.seed);
+        held_out.truncate(args.held_out);
+        Labelled { train, held_out }
+    };
+    let (harmful, harmless) = (labelled(harmful_all), labelled(harmless_all));
     eprintln!(
-        "prompts: {} harmful ({} train, {} held out), {} harmless ({} train, {} held out)",
-        harmful.train.len() + harmful.held_out.len(),
+        "prompts: {} harmful and {} harmless to train (each plain, in {} wrapper families and some in conversations), {} and {} held out to measure",
         harmful.train.len(),
-        harmful.held_out.len(),
-        harmless.train.len() + harmless.held_out.len(),
         harmless.train.len(),
+        args.wraps,
+        harmful.held_out.len(),
         harmless.held_out.len()
     );
 
     let bar = progress(0, "extract");
-    let extraction = extract(&model, &template, &harmful, &harmless, &args.model.context_params(), &bar)?;
+    let options = FitOptions { recipe: Recipe { wraps: args.wraps, ..Recipe::default() }, max_fpr: args.max_fpr };
+    let extraction = extract(&model, &template, &harmful, &harmless, &wrappers, options, &args.model.context_params(), &bar)?;
     bar.finish_and_clear();
     let stats = extraction.stats;
     eprintln!(
@@ -64,9 +101,6 @@ pub fn run(args: ExtractArgs) -> Result<()> {
         stats.seconds,
         stats.tokens_per_second()
     );
-    if extraction.rates_on_training {
-        eprintln!("warning: no held-out prompts in one class; gate rates below are on the training prompts");
-    }
 
     let data = DataIdentity {
         harmful: data_set(&args.harmful, &harmful)?,
@@ -75,9 +109,52 @@ pub fn run(args: ExtractArgs) -> Result<()> {
         system_prompt: template.system_prompt.clone(),
         seed: args.seed,
     };
-    let file = vector_file(&model, &extraction, data)?;
-    file.write(&args.out)?;
+    let mut file = vector_file(&model, &extraction, data)?;
     print_layer_table(file.calibration.as_ref().expect("extract calibrates"));
+    if !args.no_check {
+        file.defaults = steering_check(&args, &model, &template, &file, &harmful, &wrappers)?;
+    }
+    file.write(&args.out)?;
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// Chooses the steering defaults with short generations on harmful prompts
+/// (held-out ones where there are enough), half of them wrapped.
+fn steering_check(
+    args: &ExtractArgs,
+    model: &Model,
+    template: &Template,
+    file: &VectorFile,
+    harmful: &Labelled,
+    wrappers: &Wrappers,
+) -> Result<Option<SteerDefaults>> {
+    let pool = if harmful.held_out.len() >= args.check_prompts { &harmful.held_out } else { &harmful.train };
+    let mut rng = StdRng::seed_from_u64(args.seed.unwrap_or(0));
+    let n_families = wrappers.families().len();
+    let prompts: Vec<String> = pool
+        .iter()
+        .take(args.check_prompts)
+        .enumerate()
+        .map(|(i, p)| if i % 2 == 0 { p.clone() } else { wrappers.wrap(i / 2 % n_families, p, &mut rng) })
+        .collect();
+    let tokens = prepare(model, template, &prompts, args.model.ctx_size as usize)?;
+    let options = CheckOptions::for_depth(model.n_layer());
+    let bar = progress(0, "check");
+    let (chosen, points) = check(model, file, &tokens, &args.model.context_params(), &options, &bar)?;
+    bar.finish_and_clear();
+    println!("\nsteering check ({} harmful prompts, {} tokens, shift always on):", prompts.len(), options.max_tokens);
+    println!("layers      strength  refused  degenerate");
+    for p in &points {
+        println!("{:<10}  {:>8.2}  {:>6.1}%  {:>9.1}%", format_layers(&p.layers), p.strength, 100.0 * p.refused, 100.0 * p.degenerate);
+    }
+    match &chosen {
+        Some(d) => println!("steering defaults: {} on layers {}", describe_strength(d.strength), format_layers(&d.layers)),
+        None => eprintln!(
+            "warning: no strength refused {:.0}% of the check prompts with at most {:.0}% degenerate answers; the file has no steering defaults (pass --strength and --layers when steering)",
+            100.0 * options.min_refusal,
+            100.0 * options.max_degenerate
+        ),
+    }
+    Ok(chosen)
 }

@@ -69,29 +69,46 @@ fn norm(v: &[f32]) -> f32 {
     v.iter().map(|x| x * x).sum::<f32>().sqrt()
 }
 
-/// Per-layer gate table on stdout, the gate layer marked.
+/// Per-layer gate table on stdout, the gate layer marked, then its TPR per held-out family.
 pub fn print_layer_table(cal: &Calibration) {
-    println!("\nlayer  accuracy    TPR     FPR     |s_l|   mean |a|     bias");
+    let g = &cal.gate;
+    println!("\nlayer  worst family  plain TPR    FPR     |s_l|   mean |a|     bias   (cross-validated; token {} before the last)", g.offset);
     for s in &cal.layers {
         let mark = if s.layer == cal.gate_layer { "  <- l0" } else { "" };
+        let pct = |x: f32| if x.is_nan() { "     -".to_string() } else { format!("{:>5.1}%", 100.0 * x) };
         println!(
-            "{:>5}  {:>7.1}%  {:>5.1}%  {:>5.1}%  {:>7.3}  {:>8.2}  {:>8.3}{mark}",
+            "{:>5}  {:>12}  {:>9}  {:>6}  {:>7.3}  {:>8.2}  {:>8.3}{mark}",
             s.layer,
-            100.0 * s.accuracy,
-            100.0 * s.tpr,
-            100.0 * s.fpr,
+            pct(s.worst_tpr),
+            pct(s.tpr),
+            pct(s.fpr),
             s.srv_norm,
             s.mean_norm,
             s.bias
         );
     }
+    if !g.families.is_empty() {
+        println!("\nTPR per family left out of fitting, at l0 = {} and its neighbours:", cal.gate_layer);
+        let near: Vec<usize> = cal.layers.iter().map(|s| s.layer).filter(|l| l.abs_diff(cal.gate_layer) <= 2).collect();
+        print!("{:<28}", "family");
+        near.iter().for_each(|l| print!("{:>8}", format!("L{l}")));
+        println!();
+        for (name, tpr) in g.families.iter().zip(&g.family_tpr) {
+            print!("{name:<28}");
+            near.iter().for_each(|&l| print!("{:>8}", tpr.get(l).filter(|x| !x.is_nan()).map_or("-".into(), |x| format!("{:.1}%", 100.0 * x))));
+            println!();
+        }
+    }
     if let Some(s) = cal.layer(cal.gate_layer) {
         println!(
-            "gate layer l0 = {}: accuracy {:.1}%, TPR {:.1}%, FPR {:.1}% on held-out prompts",
+            "gate layer l0 = {}: worst held-out family TPR {:.1}%, plain TPR {:.1}%, FPR {:.1}% (cross-validated)",
             cal.gate_layer,
-            100.0 * s.accuracy,
+            100.0 * s.worst_tpr,
             100.0 * s.tpr,
             100.0 * s.fpr
         );
+    }
+    if let Some((tpr, fpr)) = g.held_out {
+        println!("final gate on plain held-out prompts: TPR {:.1}%, FPR {:.1}%", 100.0 * tpr, 100.0 * fpr);
     }
 }

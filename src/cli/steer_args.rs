@@ -3,20 +3,16 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::{Args, ValueEnum};
 
 use inferalign::gate::Gate;
 use inferalign::llama::Model;
 use inferalign::prompts::Template;
-use inferalign::steer::{parse_layers, Mode, SteerHook, Steering};
-use inferalign::vectors::VectorFile;
+use inferalign::steer::{format_layers, parse_layers, Mode, SteerHook, Steering};
+use inferalign::vectors::{Strength, VectorFile};
 
 use super::ModelArgs;
-
-/// Strength and layers used when neither the command line nor the vector file says.
-pub const DEFAULT_ALPHA: f32 = 4.0;
-pub const DEFAULT_LAYERS: &str = "10-16";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ModeArg {
@@ -46,10 +42,13 @@ pub struct SteerArgs {
     /// Steering vectors (SSV), e.g. from an aligned model with the same width and depth; default: the gate file (self-guidance)
     #[arg(long)]
     pub steer: Option<PathBuf>,
-    /// Steering strength: alpha * unit vector added per layer (default: from the vector file, else 4)
-    #[arg(long, allow_hyphen_values = true)]
+    /// Steering strength as an absolute scale: alpha * unit vector added per layer (default: the vector file's)
+    #[arg(long, allow_hyphen_values = true, conflicts_with = "strength")]
     pub alpha: Option<f32>,
-    /// Layers to steer: a-b, or a,b,c, or a mix (default: from the vector file, else 10-16)
+    /// Steering strength relative to each steered layer's mean activation norm, e.g. 0.15 (default: the vector file's)
+    #[arg(long, allow_hyphen_values = true)]
+    pub strength: Option<f32>,
+    /// Layers to steer: a-b, or a,b,c, or a mix (default: the vector file's)
     #[arg(long)]
     pub layers: Option<String>,
     /// Gate layer (default: the gate file's l0)
@@ -88,13 +87,25 @@ impl SteerArgs {
             None => (gate_file.clone(), gate_path.clone()),
         };
         let recorded = steer_file.defaults.clone().or_else(|| gate_file.defaults.clone());
-        let alpha = self.alpha.or(recorded.as_ref().map(|d| d.alpha)).unwrap_or(DEFAULT_ALPHA);
+        let given = self.alpha.map(Strength::Alpha).or(self.strength.map(Strength::Relative));
+        let no_defaults = || {
+            format!(
+                "{} holds no steering defaults, and a guessed strength could break answers: pass --strength (or --alpha) and --layers, or re-run `inferalign extract`, which chooses them with a generation check",
+                steer_path.display()
+            )
+        };
+        let strength = match given.or(recorded.as_ref().map(|d| d.strength)) {
+            Some(s) => s,
+            None if mode == Mode::Plain => Strength::Alpha(0.0),
+            None => bail!(no_defaults()),
+        };
         let layers = match (&self.layers, recorded) {
             (Some(spec), _) => parse_layers(spec)?,
             (None, Some(d)) => d.layers,
-            (None, None) => parse_layers(DEFAULT_LAYERS)?,
+            (None, None) if mode == Mode::Plain => vec![1],
+            (None, None) => bail!(no_defaults()),
         };
-        let steering = Steering::new(&steer_file, alpha, &layers, model.n_layer())
+        let steering = Steering::new(&steer_file, strength, &layers, model.n_layer())
             .with_context(|| format!("cannot steer with {}", steer_path.display()))?;
         Ok(Resolved { gate_file, gate_path, steer_path, gate, steering, mode })
     }
@@ -117,14 +128,14 @@ impl Resolved {
     pub fn describe(&self) -> String {
         let layers = &self.steering.layers;
         format!(
-            "mode {:?}, gate layer {} bias {:.3} ({}), steer alpha {} on layers {}..={} ({})",
+            "mode {:?}, gate layer {} (token {} before the last) bias {:.3} ({}), steer {} on layers {} ({})",
             self.mode,
             self.gate.layer,
+            self.gate.offset,
             self.gate.bias,
             self.gate_path.display(),
-            self.steering.alpha,
-            layers[0],
-            layers[layers.len() - 1],
+            describe_strength(self.steering.strength),
+            format_layers(layers),
             self.steer_path.display()
         )
     }
@@ -152,3 +163,11 @@ impl GuardArgs {
         Ok((model, resolved, template))
     }
 }
+
+pub fn describe_strength(strength: Strength) -> String {
+    match strength {
+        Strength::Alpha(a) => format!("alpha {a}"),
+        Strength::Relative(s) => format!("strength {s} x mean |a_l|"),
+    }
+}
+

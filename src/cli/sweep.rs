@@ -13,7 +13,7 @@ use inferalign::generate::{self, Event};
 use inferalign::llama::{Context, Model};
 use inferalign::prompts::{prepare, Template};
 use inferalign::steer::{parse_layers, Mode, SteerHook, Steering};
-use inferalign::vectors::{SteerDefaults, VectorFile};
+use inferalign::vectors::{SteerDefaults, Strength, VectorFile};
 
 use super::eval::repo_data;
 use super::generate::SamplingArgs;
@@ -128,7 +128,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
     let mut points = Vec::new();
     for layers in &ranges {
         for &alpha in &args.alphas {
-            let steering = Steering::new(&steer_file, alpha, layers, model.n_layer())?;
+            let steering = Steering::new(&steer_file, Strength::Alpha(alpha), layers, model.n_layer())?;
             let hook = SteerHook::new(Mode::Gated, Some(resolved.gate.clone()), steering, args.parallel)?;
             let label = format!("a={alpha} L={}-{}", layers[0], layers[layers.len() - 1]);
             let outcomes = evaluate(&model, &args, hook, &items, &tokens, &label)?;
@@ -182,7 +182,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
     println!("chosen: alpha {} on layers {:?}", chosen.alpha.unwrap_or(0.0), chosen.layers);
     if args.write {
         let mut file = steer_file;
-        file.defaults = Some(SteerDefaults { alpha: chosen.alpha.unwrap_or(0.0), layers: chosen.layers.clone() });
+        file.defaults = Some(SteerDefaults { strength: Strength::Alpha(chosen.alpha.unwrap_or(0.0)), layers: chosen.layers.clone() });
         file.write(&resolved.steer_path)?;
         println!("wrote the defaults into {}", resolved.steer_path.display());
     }

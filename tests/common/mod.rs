@@ -116,6 +116,9 @@ pub fn quick_gate(name: &str) -> PathBuf {
         out.to_str().unwrap(),
         "--train",
         "32",
+        "--wraps",
+        "1",
+        "--no-check",
     ];
     args.extend(template_args(name));
     cli_ok(&args);

@@ -1,0 +1,142 @@
+//! The prompts a gate is fitted on: every training instruction plain, wrapped
+//! in jailbreak-style families (harmful and harmless alike), and as the last
+//! turn of a conversation whose earlier turn is of the other class.
+
+use anyhow::Result;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::llama::Model;
+use crate::prompts::{check_length, tokenize, Template};
+use crate::wrappers::Wrappers;
+
+/// Family index of unwrapped single-turn prompts.
+pub const PLAIN: usize = 0;
+
+#[derive(Clone, Debug)]
+pub struct Example {
+    pub harmful: bool,
+    /// Index into [`TrainSet::families`].
+    pub family: usize,
+    /// The instruction this example asks (its class's list index); examples
+    /// sharing one are held out together in cross-validation.
+    pub instruction: usize,
+    /// (role, content) turns, the last one the request.
+    pub turns: Vec<(&'static str, String)>,
+}
+
+pub struct TrainSet {
+    /// `plain`, the wrapper families, then `multi_turn`.
+    pub families: Vec<String>,
+    pub examples: Vec<Example>,
+}
+
+/// How the training instructions are dressed.
+#[derive(Clone, Copy, Debug)]
+pub struct Recipe {
+    /// Wrapper families each instruction is wrapped in (each a separate example).
+    pub wraps: usize,
+    /// Every how many instructions one also ends a two-turn conversation (0: none).
+    pub multi_turn_every: usize,
+    pub seed: u64,
+}
+
+impl Default for Recipe {
+    fn default() -> Recipe {
+        Recipe { wraps: 2, multi_turn_every: 3, seed: 0 }
+    }
+}
+
+impl TrainSet {
+    pub fn build(harmful: &[String], harmless: &[String], wrappers: &Wrappers, recipe: Recipe) -> TrainSet {
+        let n_wrap = wrappers.families().len();
+        let mut families = vec!["plain".to_string()];
+        families.extend(wrappers.families().iter().map(|f| f.family.clone()));
+        families.push("multi_turn".into());
+        let multi_turn = families.len() - 1;
+
+        let mut rng = StdRng::seed_from_u64(recipe.seed);
+        let mut examples = Vec::new();
+        for (harmful_class, own, other) in [(true, harmful, harmless), (false, harmless, harmful)] {
+            // Each class walks the families from its own offset so that both
+            // classes meet every family equally often.
+            let offset = if harmful_class { 0 } else { n_wrap / 2 };
+            for (i, instruction) in own.iter().enumerate() {
+                let mut push = |family, turns| examples.push(Example { harmful: harmful_class, family, instruction: i, turns });
+                push(PLAIN, vec![("user", instruction.clone())]);
+                for k in 0..recipe.wraps.min(n_wrap) {
+                    let family = (i * recipe.wraps + k + offset) % n_wrap;
+                    push(1 + family, vec![("user", wrappers.wrap(family, instruction, &mut rng))]);
+                }
+                if recipe.multi_turn_every > 0 && i % recipe.multi_turn_every == 0 && !other.is_empty() {
+                    let before = other.choose(&mut rng).expect("non-empty").clone();
+                    let reply = wrappers.reply(!harmful_class, &mut rng).to_string();
+                    push(multi_turn, vec![("user", before), ("assistant", reply), ("user", instruction.clone())]);
+                }
+            }
+        }
+        TrainSet { families, examples }
+    }
+
+    /// Cross-validation fold of each example: a wrapped or multi-turn example
+    /// is validated with its family; a plain one with the first family its
+    /// instruction is wrapped in, so an instruction is held out as a whole.
+    pub fn folds(&self) -> Vec<usize> {
+        let first_dressed = |e: &Example| {
+            self.examples
+                .iter()
+                .find(|o| o.harmful == e.harmful && o.instruction == e.instruction && o.family != PLAIN)
+                .map_or(PLAIN, |o| o.family)
+        };
+        self.examples.iter().map(|e| if e.family == PLAIN { first_dressed(e) } else { e.family }).collect()
+    }
+
+    /// Templated tokens of every example.
+    pub fn tokens(&self, model: &Model, template: &Template, n_ctx: usize) -> Result<Vec<Vec<i32>>> {
+        self.examples
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let turns: Vec<(&str, &str)> = e.turns.iter().map(|(r, c)| (*r, c.as_str())).collect();
+                let tokens = tokenize(model, &template.apply_chat(model, &turns)?)?;
+                check_length(i, &e.turns.last().expect("a request").1, tokens.len(), n_ctx)?;
+                Ok(tokens)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instructions(prefix: &str, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{prefix} request number {i}")).collect()
+    }
+
+    #[test]
+    fn every_family_meets_both_classes_and_instructions_stay_in_one_fold() {
+        let wrappers = Wrappers::builtin();
+        let set = TrainSet::build(&instructions("bad", 64), &instructions("good", 64), &wrappers, Recipe::default());
+        for family in 0..set.families.len() {
+            for class in [true, false] {
+                assert!(
+                    set.examples.iter().any(|e| e.family == family && e.harmful == class),
+                    "family {} lacks class {class}",
+                    set.families[family]
+                );
+            }
+        }
+        let folds = set.folds();
+        for (e, &fold) in set.examples.iter().zip(&folds) {
+            assert_ne!(fold, PLAIN);
+            if e.family == PLAIN {
+                let dressed = set.examples.iter().zip(&folds).filter(|(o, _)| o.harmful == e.harmful && o.instruction == e.instruction && o.family != PLAIN);
+                assert!(dressed.clone().any(|(_, &f)| f == fold));
+            }
+        }
+        let multi = set.examples.iter().filter(|e| e.turns.len() == 3).count();
+        assert_eq!(multi, 2 * 64usize.div_ceil(3));
+    }
+}
