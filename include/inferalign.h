@@ -55,6 +55,9 @@ void inferalign_guard_install(inferalign_guard * guard, struct llama_context_par
 void inferalign_guard_begin_request(inferalign_guard * guard, int32_t seq);
 
 /* Tells the guard which sequence each token of the next batch belongs to.
+ * A gate that reads the user's own last token (files from `inferalign
+ * extract` may) needs that token in the same batch as the prompt's last one;
+ * where it is not, the request is treated as harmful (the guard fails closed).
  * Call right before every llama_decode. */
 void inferalign_guard_before_decode(inferalign_guard * guard, const struct llama_batch * batch);
 
