@@ -32,7 +32,8 @@ fn setup(name: &str) -> Setup {
 
 impl Setup {
     fn hook(&self, mode: Mode, bias: Option<f32>, alpha: f32, layers: &[usize]) -> SteerHook {
-        let gate = Gate::from_file(&self.vectors, None, bias).unwrap();
+        // Layer 2 gates before every steered layer these tests use, so one pass gates and shifts.
+        let gate = Gate::from_file(&self.vectors, Some(2), bias).unwrap();
         let steering = Steering::new(&self.vectors, Strength::Alpha(alpha), layers, self.model.n_layer()).unwrap();
         SteerHook::new(mode, Some(gate), steering, 64).unwrap()
     }
