@@ -107,7 +107,9 @@ fn point(alpha: Option<f32>, layers: Vec<usize>, outcomes: &[Outcome]) -> Point 
 
 pub fn run(args: SweepArgs) -> Result<()> {
     let model = args.model.load()?;
-    let resolved: Resolved = args.steer.resolve(&model, Mode::Gated)?;
+    // Sweep chooses strengths itself: resolve as plain so a file without
+    // defaults (what it is there to fill) is accepted.
+    let resolved: Resolved = args.steer.resolve(&model, Mode::Plain)?;
     let template: Template = args.model.template(&model, resolved.recorded_template())?;
     let cal = resolved.gate_file.calibration.as_ref();
     let harmful_path = args.harmful.clone().unwrap_or_else(|| inferalign::cache::data_file("advbench.jsonl"));
