@@ -1,7 +1,9 @@
 //! C ABI: drop the gate and the shift into any llama.cpp application.
 //! See `include/inferalign.h` for the contract; `examples/c/guard.c` uses it.
+//! Every entry point checks what C hands it and catches panics: an error is a
+//! return code and a message from `inferalign_guard_last_error`, never an abort.
 
-use std::ffi::{c_char, c_float, c_int, CStr};
+use std::ffi::{c_char, c_float, c_int, CStr, CString};
 use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
@@ -12,9 +14,15 @@ use crate::steer::{parse_layers, Mode, SteerHook, Steering};
 use crate::capture::BatchAware;
 use crate::vectors::{Strength, VectorFile};
 
+/// Most sequences one guard tracks: llama.cpp's own `LLAMA_MAX_SEQ`.
+const MAX_SEQ: usize = 256;
+
 /// Opaque to C.
 pub struct InferalignGuard {
     hook: ForeignHook<SteerHook>,
+    /// The `n_batch` (= `n_ubatch`) of the one context it is installed in.
+    n_batch: Option<usize>,
+    last_error: CString,
 }
 
 unsafe fn opt_str<'a>(p: *const c_char) -> Result<Option<&'a str>> {
@@ -24,16 +32,36 @@ unsafe fn opt_str<'a>(p: *const c_char) -> Result<Option<&'a str>> {
     Ok(Some(CStr::from_ptr(p).to_str().context("a string argument is not UTF-8")?))
 }
 
-fn write_error(err: &anyhow::Error, buf: *mut c_char, len: usize) {
+fn write_error(msg: &str, buf: *mut c_char, len: usize) {
     if buf.is_null() || len == 0 {
         return;
     }
-    let msg = format!("{err:#}");
     let n = msg.len().min(len - 1);
     // SAFETY: the caller gave `len` writable bytes.
     unsafe {
         std::ptr::copy_nonoverlapping(msg.as_ptr(), buf as *mut u8, n);
         *buf.add(n) = 0;
+    }
+}
+
+/// Runs `f` on the guard: 0 on success; -1 with the message kept for
+/// `inferalign_guard_last_error` on an error or a panic.
+unsafe fn with_guard(
+    guard: *mut InferalignGuard,
+    f: impl FnOnce(&mut InferalignGuard) -> Result<()>,
+) -> c_int {
+    let Some(guard) = guard.as_mut() else {
+        return -1;
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(guard)))
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("inferalign panicked; please report this")));
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            guard.last_error =
+                CString::new(format!("{e:#}").replace('\0', " ")).unwrap_or_default();
+            -1
+        }
     }
 }
 
@@ -50,6 +78,10 @@ unsafe fn new_guard(
     if model.is_null() {
         bail!("model is NULL");
     }
+    let n_seq = usize::try_from(n_seq)
+        .ok()
+        .filter(|n| (1..=MAX_SEQ).contains(n))
+        .with_context(|| format!("n_seq is {n_seq}; use 1..={MAX_SEQ}"))?;
     let (n_embd, n_layer) = foreign_model_dims(model);
     let gate_path = opt_str(gate_path)?.context("gate_path is NULL")?;
     let gate_file = VectorFile::read(Path::new(gate_path))?;
@@ -80,8 +112,12 @@ unsafe fn new_guard(
     };
     let gate = Gate::from_file(&gate_file, None, None)?;
     let steering = Steering::new(&steer_file, strength, &layers, n_layer)?;
-    let hook = SteerHook::new(mode, Some(gate), steering, n_seq.max(1) as usize)?;
-    Ok(Box::new(InferalignGuard { hook: ForeignHook::new(hook) }))
+    let hook = SteerHook::new(mode, Some(gate), steering, n_seq)?;
+    Ok(Box::new(InferalignGuard {
+        hook: ForeignHook::new(hook),
+        n_batch: None,
+        last_error: CString::default(),
+    }))
 }
 
 /// # Safety
@@ -98,10 +134,14 @@ pub unsafe extern "C" fn inferalign_guard_new(
     err: *mut c_char,
     err_len: usize,
 ) -> *mut InferalignGuard {
-    match new_guard(model, gate_path, steer_path, alpha, layers, mode, n_seq) {
+    let made = std::panic::catch_unwind(|| {
+        new_guard(model, gate_path, steer_path, alpha, layers, mode, n_seq)
+    })
+    .unwrap_or_else(|_| Err(anyhow::anyhow!("inferalign panicked; please report this")));
+    match made {
         Ok(guard) => Box::into_raw(guard),
         Err(e) => {
-            write_error(&e, err, err_len);
+            write_error(&format!("{e:#}"), err, err_len);
             std::ptr::null_mut()
         }
     }
@@ -110,38 +150,109 @@ pub unsafe extern "C" fn inferalign_guard_new(
 /// # Safety
 /// See `include/inferalign.h`.
 #[no_mangle]
-pub unsafe extern "C" fn inferalign_guard_install(guard: *mut InferalignGuard, params: *mut llama_cpp_sys_2::llama_context_params) {
-    if let (Some(guard), false) = (guard.as_mut(), params.is_null()) {
-        guard.hook.install(params);
-    }
+pub unsafe extern "C" fn inferalign_guard_install(
+    guard: *mut InferalignGuard,
+    params: *mut llama_cpp_sys_2::llama_context_params,
+) -> c_int {
+    with_guard(guard, |g| {
+        let Some(p) = params.as_mut() else {
+            bail!("params is NULL")
+        };
+        if g.n_batch.is_some() {
+            bail!("this guard is already installed in a context; create one guard per context");
+        }
+        // One ubatch per batch and one KV stream keep llama.cpp from splitting
+        // or regrouping rows, so batch rows are the rows the hook sees.
+        p.n_ubatch = p.n_batch;
+        p.kv_unified = true;
+        g.n_batch = Some(p.n_batch as usize);
+        g.hook.install(p);
+        Ok(())
+    })
 }
 
 /// # Safety
 /// See `include/inferalign.h`.
 #[no_mangle]
-pub unsafe extern "C" fn inferalign_guard_begin_request(guard: *mut InferalignGuard, seq: i32) {
-    if let Some(guard) = guard.as_mut() {
-        guard.hook.hook_mut().begin_request(seq.max(0) as usize);
-    }
+pub unsafe extern "C" fn inferalign_guard_begin_request(
+    guard: *mut InferalignGuard,
+    seq: i32,
+) -> c_int {
+    with_guard(guard, |g| {
+        let seq = usize::try_from(seq).with_context(|| format!("sequence id {seq} is negative"))?;
+        g.hook.hook_mut().begin_request(seq)
+    })
 }
 
 /// # Safety
 /// See `include/inferalign.h`.
 #[no_mangle]
-pub unsafe extern "C" fn inferalign_guard_before_decode(guard: *mut InferalignGuard, batch: *const llama_cpp_sys_2::llama_batch) {
-    if let (Some(guard), Some(batch)) = (guard.as_mut(), batch.as_ref()) {
-        let layout = ForeignBatch::new(batch);
-        let layout: &dyn BatchLayout = &layout;
-        guard.hook.hook_mut().plan(layout, &[]);
-    }
+pub unsafe extern "C" fn inferalign_guard_before_decode(
+    guard: *mut InferalignGuard,
+    batch: *const llama_cpp_sys_2::llama_batch,
+) -> c_int {
+    with_guard(guard, |g| {
+        let Some(batch) = batch.as_ref() else {
+            bail!("batch is NULL")
+        };
+        let n_batch = g
+            .n_batch
+            .context("install the guard in the context's parameters before decoding")?;
+        let n_tokens = usize::try_from(batch.n_tokens).unwrap_or(0);
+        if n_tokens > n_batch {
+            bail!("the batch has {n_tokens} tokens, more than the context's n_batch {n_batch}");
+        }
+        if !batch.n_seq_id.is_null() && (0..n_tokens).any(|i| *batch.n_seq_id.add(i) > 1) {
+            bail!("a token belongs to several sequences; the guard needs one sequence per token");
+        }
+        g.hook.take_failure();
+        g.hook
+            .hook_mut()
+            .plan(&ForeignBatch::new(batch) as &dyn BatchLayout, &[])
+    })
 }
 
 /// # Safety
 /// See `include/inferalign.h`.
 #[no_mangle]
-pub unsafe extern "C" fn inferalign_guard_decision(guard: *const InferalignGuard, seq: i32, score: *mut c_float) -> c_int {
-    let Some(guard) = guard.as_ref() else { return -1 };
-    match guard.hook.hook().decision(seq.max(0) as usize) {
+pub unsafe extern "C" fn inferalign_guard_after_decode(guard: *mut InferalignGuard) -> c_int {
+    with_guard(guard, |g| {
+        if let Some(why) = g.hook.take_failure() {
+            bail!("the guard could not run on the last batch: {why}");
+        }
+        if let Some(layer) = g.hook.unseen(&g.hook.hook().needed_layers()) {
+            bail!("layer {layer}'s output (l_out-{layer}) never reached the guard in this model's graph, so it cannot gate or steer there");
+        }
+        Ok(())
+    })
+}
+
+/// # Safety
+/// See `include/inferalign.h`.
+#[no_mangle]
+pub unsafe extern "C" fn inferalign_guard_last_error(
+    guard: *const InferalignGuard,
+) -> *const c_char {
+    guard
+        .as_ref()
+        .map_or(c"guard is NULL".as_ptr(), |g| g.last_error.as_ptr())
+}
+
+/// # Safety
+/// See `include/inferalign.h`.
+#[no_mangle]
+pub unsafe extern "C" fn inferalign_guard_decision(
+    guard: *const InferalignGuard,
+    seq: i32,
+    score: *mut c_float,
+) -> c_int {
+    let Some(guard) = guard.as_ref() else {
+        return -1;
+    };
+    let Ok(seq) = usize::try_from(seq) else {
+        return -1;
+    };
+    match guard.hook.hook().decision(seq) {
         Some(d) => {
             if let Some(score) = score.as_mut() {
                 *score = d.score;

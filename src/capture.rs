@@ -20,17 +20,20 @@ pub struct LastToken {
 
 /// A hook that is told, before each decode, where the prompts' last tokens are.
 pub trait BatchAware: LayerHook {
-    fn plan(&mut self, batch: &dyn BatchLayout, last_tokens: &[LastToken]);
+    /// An error when the batch is one the hook cannot gate or steer correctly.
+    fn plan(&mut self, batch: &dyn BatchLayout, last_tokens: &[LastToken]) -> Result<()>;
 }
 
 impl BatchAware for NoHook {
-    fn plan(&mut self, _: &dyn BatchLayout, _: &[LastToken]) {}
+    fn plan(&mut self, _: &dyn BatchLayout, _: &[LastToken]) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl<A: BatchAware, B: BatchAware> BatchAware for (A, B) {
-    fn plan(&mut self, batch: &dyn BatchLayout, last_tokens: &[LastToken]) {
-        self.0.plan(batch, last_tokens);
-        self.1.plan(batch, last_tokens);
+    fn plan(&mut self, batch: &dyn BatchLayout, last_tokens: &[LastToken]) -> Result<()> {
+        self.0.plan(batch, last_tokens)?;
+        self.1.plan(batch, last_tokens)
     }
 }
 
@@ -45,18 +48,24 @@ pub struct CaptureHook {
 
 impl CaptureHook {
     /// Captures `layers` (llama.cpp layer indices) of a model with `n_layer` blocks.
-    pub fn new(model: &Model, layers: &[usize]) -> CaptureHook {
+    pub fn new(model: &Model, layers: &[usize]) -> Result<CaptureHook> {
         let mut wanted = vec![false; model.n_layer()];
         for &l in layers {
-            wanted[l] = true;
+            let Some(w) = wanted.get_mut(l) else {
+                bail!(
+                    "layer {l} does not exist: the model has layers 0..{}",
+                    model.n_layer() - 1
+                )
+            };
+            *w = true;
         }
-        CaptureHook {
+        Ok(CaptureHook {
             layers: wanted,
             n_embd: model.n_embd(),
             n_tokens: 0,
             plan: Vec::new(),
             acts: Array3::zeros((0, model.n_layer(), model.n_embd())),
-        }
+        })
     }
 
     /// Starts a capture of `n_slots` rows (prompts times read positions).
@@ -76,25 +85,38 @@ impl LayerHook for CaptureHook {
         !self.plan.is_empty() && self.layers.get(layer).copied().unwrap_or(false)
     }
 
-    fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) {
+    fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) -> Result<()> {
         let n_embd = self.n_embd;
+        if out.n_embd() != n_embd {
+            bail!("rows are {} wide, the model is {n_embd}", out.n_embd());
+        }
         let all_rows = out.rows() == self.n_tokens;
         let (plan, acts) = (&self.plan, &mut self.acts);
         out.read(|data| {
             for t in plan {
                 let row = if all_rows { t.token_row } else { t.output_row };
-                let src = &data[row * n_embd..(row + 1) * n_embd];
-                acts.slice_mut(ndarray::s![t.slot, layer, ..]).as_slice_mut().unwrap().copy_from_slice(src);
+                let src = data.get(row * n_embd..(row + 1) * n_embd);
+                let (Some(src), true) = (src, t.slot < acts.dim().0 && layer < acts.dim().1) else {
+                    bail!(
+                        "row {row} (capture slot {}) is outside this batch's {} rows",
+                        t.slot,
+                        data.len() / n_embd
+                    );
+                };
+                acts.slice_mut(ndarray::s![t.slot, layer, ..])
+                    .assign(&ndarray::ArrayView1::from(src));
             }
-        });
+            Ok(())
+        })
     }
 }
 
 impl BatchAware for CaptureHook {
-    fn plan(&mut self, batch: &dyn BatchLayout, last_tokens: &[LastToken]) {
+    fn plan(&mut self, batch: &dyn BatchLayout, last_tokens: &[LastToken]) -> Result<()> {
         self.n_tokens = batch.len();
         self.plan.clear();
         self.plan.extend_from_slice(last_tokens);
+        Ok(())
     }
 }
 
@@ -155,7 +177,7 @@ pub fn decode_prompts<H: BatchAware>(
         if batch.is_empty() {
             return Ok(());
         }
-        ctx.hook_mut().plan(&*batch, last_tokens);
+        ctx.hook_mut().plan(&*batch, last_tokens)?;
         ctx.decode(batch)?;
         decoded += batch.len();
         batch.clear();
@@ -243,7 +265,7 @@ pub fn capture_prompts(
     layers: &[usize],
     progress: &ProgressBar,
 ) -> Result<(Array3<f32>, DecodeStats)> {
-    let mut ctx = Context::new(model, params, CaptureHook::new(model, layers), true)?;
+    let mut ctx = Context::new(model, params, CaptureHook::new(model, layers)?, true)?;
     progress.set_length(prompts.len() as u64);
     capture(&mut ctx, prompts, offsets, true, progress)
 }

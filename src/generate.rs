@@ -150,7 +150,7 @@ fn prefill<H: BatchAware>(ctx: &mut Context<'_, H>, batch: &mut Batch, tokens: &
         for i in range {
             batch.add(tokens[i], i as i32, seq, i + 1 == tokens.len());
         }
-        ctx.hook_mut().plan(&*batch, &[]);
+        ctx.hook_mut().plan(&*batch, &[])?;
         ctx.decode(batch).context("prompt decode failed")?;
     }
     Ok(())
@@ -165,6 +165,20 @@ fn chunk_ranges(len: usize, capacity: usize, tail: usize) -> Vec<std::ops::Range
     let mut ranges: Vec<_> = (0..last_start).step_by(capacity).map(|s| s..(s + capacity).min(last_start)).collect();
     ranges.push(last_start..len);
     ranges
+}
+
+/// Fails closed: a graph that never showed the hook a layer it must gate or
+/// steer, or a gated request the gate did not decide on, is an error, never an
+/// unguarded answer.
+fn check_guarded(ctx: &Context<'_, SteerHook>, seq: usize) -> Result<()> {
+    let hook = ctx.hook();
+    if let Some(layer) = ctx.unseen(&hook.needed_layers()) {
+        bail!("layer {layer}'s output (l_out-{layer}) never reached the guard in this model's graph, so it cannot gate or steer there; refusing to answer unguarded");
+    }
+    if hook.undecided(seq) {
+        bail!("the gate did not decide on this request; refusing to answer unguarded");
+    }
+    Ok(())
 }
 
 /// Continuous batching: each request owns one sequence; new requests join
@@ -235,7 +249,7 @@ impl<'c, 'm> Engine<'c, 'm> {
         self.use_control_vector(false)?;
         let (ctx, batch) = (&mut *self.ctx, &mut self.batch);
         ctx.seq_rm(seq as i32, -1, -1);
-        ctx.hook_mut().begin_request(seq);
+        ctx.hook_mut().begin_request(seq)?;
         let single_pass = ctx.hook().single_pass(prompt.len(), batch.capacity());
         let tail = ctx.hook().gate().map_or(1, |g| g.offset + 1);
         ctx.hook_mut().set_shift_enabled(single_pass);
@@ -249,6 +263,7 @@ impl<'c, 'm> Engine<'c, 'm> {
             prefill(ctx, batch, prompt, seq as i32, tail)?;
             passes = 2;
         }
+        check_guarded(ctx, seq)?;
         self.stats.prompt_tokens += prompt.len() * passes;
         let hook = ctx.hook();
         let steered = hook.is_steered(seq);
@@ -294,7 +309,7 @@ impl<'c, 'm> Engine<'c, 'm> {
                 slot.logits_row = self.batch.len() as i32;
                 self.batch.add(last, (slot.prompt_len + slot.tokens.len() - 1) as i32, seq as i32, true);
             }
-            self.ctx.hook_mut().plan(&self.batch, &[]);
+            self.ctx.hook_mut().plan(&self.batch, &[])?;
             self.ctx.decode(&mut self.batch).context("decode failed")?;
             for &seq in run {
                 let sampled = self.sample(seq, on_event)?;

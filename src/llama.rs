@@ -17,6 +17,11 @@ use llama_cpp_sys_2 as sys;
 
 static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
 
+// `Model::load` hands llama-cpp-2 a raw model pointer as a `LlamaModel`; a
+// release that changes its layout must fail to build, not at run time.
+const _: () =
+    assert!(std::mem::size_of::<LlamaModel>() == std::mem::size_of::<NonNull<sys::llama_model>>());
+
 /// The process-wide llama.cpp backend. llama.cpp's own logging is silenced
 /// unless `INFERALIGN_LLAMA_LOG` is set, so our errors stay readable.
 pub fn backend() -> &'static LlamaBackend {
@@ -193,8 +198,9 @@ impl LayerOutput<'_> {
 pub trait LayerHook {
     /// Asked once per graph node named `l_out-<layer>`; each `true` costs a sync point.
     fn wants(&mut self, layer: usize) -> bool;
-    /// Called with the computed block output, before any later node runs.
-    fn on_layer(&mut self, layer: usize, out: &mut LayerOutput);
+    /// Called with the computed block output, before any later node runs. An
+    /// error (a batch that does not match the plan) fails the decode.
+    fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) -> Result<()>;
 }
 
 /// Two hooks on one graph: the first edits, the second sees its edits.
@@ -204,9 +210,9 @@ impl<A: LayerHook, B: LayerHook> LayerHook for (A, B) {
         self.1.wants(layer) || first
     }
 
-    fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) {
-        self.0.on_layer(layer, out);
-        self.1.on_layer(layer, out);
+    fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) -> Result<()> {
+        self.0.on_layer(layer, out)?;
+        self.1.on_layer(layer, out)
     }
 }
 
@@ -217,13 +223,88 @@ impl LayerHook for NoHook {
     fn wants(&mut self, _: usize) -> bool {
         false
     }
-    fn on_layer(&mut self, _: usize, _: &mut LayerOutput) {}
+    fn on_layer(&mut self, _: usize, _: &mut LayerOutput) -> Result<()> {
+        Ok(())
+    }
 }
 
 struct HookCell<H> {
     hook: H,
     scratch: Vec<f32>,
     force_device_copy: bool,
+    /// Why the hook could not do its work in the current decode; the decode
+    /// reports it instead of returning unguarded results.
+    failure: Option<String>,
+    /// Block outputs (`l_out-<layer>`) this model's graph has shown the hook.
+    seen: Vec<bool>,
+}
+
+/// The hook's heap cell, owned through a raw pointer: llama.cpp holds the same
+/// pointer as callback user data, and a `Box` reborrowed after handing it out
+/// would alias it.
+struct CellPtr<H>(NonNull<HookCell<H>>);
+
+impl<H> CellPtr<H> {
+    fn new(hook: H, force_device_copy: bool) -> Self {
+        let cell = HookCell {
+            hook,
+            scratch: Vec::new(),
+            force_device_copy,
+            failure: None,
+            seen: Vec::new(),
+        };
+        CellPtr(NonNull::from(Box::leak(Box::new(cell))))
+    }
+
+    fn user_data(&self) -> *mut c_void {
+        self.0.as_ptr() as *mut c_void
+    }
+
+    fn get(&self) -> &HookCell<H> {
+        // SAFETY: owned by self; llama.cpp only uses it during a decode, which
+        // takes `&mut` of the owner, so no other borrow is live then.
+        unsafe { self.0.as_ref() }
+    }
+
+    fn get_mut(&mut self) -> &mut HookCell<H> {
+        unsafe { self.0.as_mut() }
+    }
+}
+
+impl<H> Drop for CellPtr<H> {
+    fn drop(&mut self) {
+        // SAFETY: made by Box::leak in `new`, freed once.
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) })
+    }
+}
+
+impl<H> HookCell<H> {
+    fn fail(&mut self, why: String) {
+        self.failure.get_or_insert(why);
+    }
+
+    fn mark_seen(&mut self, layer: usize) {
+        if layer >= self.seen.len() {
+            self.seen.resize(layer + 1, false);
+        }
+        self.seen[layer] = true;
+    }
+
+    /// The first of `layers` the graph never showed the hook, if any.
+    fn unseen(&self, layers: &[usize]) -> Option<usize> {
+        layers
+            .iter()
+            .copied()
+            .find(|&l| !self.seen.get(l).copied().unwrap_or(false))
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 fn layer_of(name: &[std::os::raw::c_char; 64]) -> Option<usize> {
@@ -234,49 +315,93 @@ fn layer_of(name: &[std::os::raw::c_char; 64]) -> Option<usize> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
-unsafe extern "C" fn trampoline<H: LayerHook>(t: *mut sys::ggml_tensor, ask: bool, user_data: *mut c_void) -> bool {
+// A panic must not unwind into llama.cpp: it is caught, recorded as the
+// decode's failure, and the hook asks for nothing more in this graph.
+unsafe extern "C" fn trampoline<H: LayerHook>(
+    t: *mut sys::ggml_tensor,
+    ask: bool,
+    user_data: *mut c_void,
+) -> bool {
     let cell = &mut *(user_data as *mut HookCell<H>);
     let tensor = &*t;
     let Some(layer) = layer_of(&tensor.name) else {
         return !ask;
     };
     if ask {
-        return cell.hook.wants(layer);
+        cell.mark_seen(layer);
+        if cell.failure.is_some() {
+            return false;
+        }
+        let wants =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cell.hook.wants(layer)));
+        return wants.unwrap_or_else(|p| {
+            cell.fail(format!(
+                "the hook panicked at layer {layer}: {}",
+                panic_message(&*p)
+            ));
+            false
+        });
     }
     let contiguous_f32 = tensor.type_ == sys::GGML_TYPE_F32 && tensor.nb[0] == 4 && tensor.nb[1] == 4 * tensor.ne[0] as usize;
     if !contiguous_f32 {
-        // Nothing sensible to read; llama.cpp must still go on.
+        cell.fail(format!(
+            "layer {layer}'s output is not a contiguous f32 tensor, so the hook cannot read it"
+        ));
         return true;
     }
-    let host = !cell.force_device_copy && !tensor.buffer.is_null() && sys::ggml_backend_buffer_is_host(tensor.buffer);
+    let host = !cell.force_device_copy
+        && !tensor.buffer.is_null()
+        && sys::ggml_backend_buffer_is_host(tensor.buffer);
+    let HookCell { hook, scratch, .. } = &mut *cell;
     let mut out = LayerOutput {
         tensor: t,
         n_embd: tensor.ne[0] as usize,
         rows: tensor.ne[1] as usize,
-        scratch: &mut cell.scratch,
+        scratch,
         host,
     };
-    cell.hook.on_layer(layer, &mut out);
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        hook.on_layer(layer, &mut out)
+    })) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => cell.fail(format!("layer {layer}: {e:#}")),
+        Err(p) => cell.fail(format!(
+            "the hook panicked at layer {layer}: {}",
+            panic_message(&*p)
+        )),
+    }
     true
 }
 
 /// A hook owned outside any [`Context`], for applications that create their
 /// llama.cpp context themselves (the C ABI).
 pub struct ForeignHook<H: LayerHook> {
-    cell: Box<HookCell<H>>,
+    cell: CellPtr<H>,
 }
 
 impl<H: LayerHook> ForeignHook<H> {
     pub fn new(hook: H) -> Self {
-        ForeignHook { cell: Box::new(HookCell { hook, scratch: Vec::new(), force_device_copy: false }) }
+        ForeignHook {
+            cell: CellPtr::new(hook, false),
+        }
+    }
+
+    /// Why the last decode could not be hooked as planned, clearing it.
+    pub fn take_failure(&mut self) -> Option<String> {
+        self.cell.get_mut().failure.take()
+    }
+
+    /// The first of `layers` the model's graph has not shown the hook.
+    pub fn unseen(&self, layers: &[usize]) -> Option<usize> {
+        self.cell.get().unseen(layers)
     }
 
     pub fn hook(&self) -> &H {
-        &self.cell.hook
+        &self.cell.get().hook
     }
 
     pub fn hook_mut(&mut self) -> &mut H {
-        &mut self.cell.hook
+        &mut self.cell.get_mut().hook
     }
 
     /// Points the context parameters' eval callback at this hook.
@@ -286,7 +411,7 @@ impl<H: LayerHook> ForeignHook<H> {
     /// from them, and must not be touched while such a context decodes.
     pub unsafe fn install(&mut self, params: *mut sys::llama_context_params) {
         (*params).cb_eval = Some(trampoline::<H>);
-        (*params).cb_eval_user_data = &mut *self.cell as *mut HookCell<H> as *mut c_void;
+        (*params).cb_eval_user_data = self.cell.user_data();
     }
 }
 
@@ -336,7 +461,7 @@ pub fn default_threads() -> i32 {
 /// A llama.cpp context whose graph callback is `H`.
 pub struct Context<'m, H: LayerHook> {
     raw: NonNull<sys::llama_context>,
-    cell: Box<HookCell<H>>,
+    cell: CellPtr<H>,
     n_batch: usize,
     n_seq_max: usize,
     kv_unified: bool,
@@ -349,13 +474,25 @@ pub enum DecodeError {
     /// No room left in the KV cache for this batch.
     NoKvSlot,
     Failed(i32),
+    /// The hook could not gate or steer this batch as planned.
+    Hook(String),
 }
 
 impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DecodeError::NoKvSlot => write!(f, "no room left in the context (KV cache) for this batch"),
-            DecodeError::Failed(code) => write!(f, "llama_decode failed with code {code}"),
+            DecodeError::Failed(code) => write!(
+                f,
+                "llama_decode failed with code {code} ({}); set INFERALIGN_LLAMA_LOG=1 to see llama.cpp's log",
+                match code {
+                    -1 => "invalid batch",
+                    2 => "aborted",
+                    -2 | -3 => "could not allocate or compute the graph",
+                    _ => "see llama.h",
+                }
+            ),
+            DecodeError::Hook(why) => write!(f, "the guard could not run on this batch: {why}"),
         }
     }
 }
@@ -365,8 +502,13 @@ impl std::error::Error for DecodeError {}
 impl<'m, H: LayerHook> Context<'m, H> {
     /// `with_callback = false` creates a context with no eval callback, as
     /// plain llama.cpp does (the hook then never runs).
-    pub fn new(model: &'m Model, params: &ContextParams, hook: H, with_callback: bool) -> Result<Self> {
-        let mut cell = Box::new(HookCell { hook, scratch: Vec::new(), force_device_copy: params.force_device_copy });
+    pub fn new(
+        model: &'m Model,
+        params: &ContextParams,
+        hook: H,
+        with_callback: bool,
+    ) -> Result<Self> {
+        let cell = CellPtr::new(hook, params.force_device_copy);
         // SAFETY: plain struct of defaults.
         let mut raw_params = unsafe { sys::llama_context_default_params() };
         raw_params.n_ctx = params.n_ctx;
@@ -386,7 +528,7 @@ impl<'m, H: LayerHook> Context<'m, H> {
         };
         if with_callback {
             raw_params.cb_eval = Some(trampoline::<H>);
-            raw_params.cb_eval_user_data = &mut *cell as *mut HookCell<H> as *mut c_void;
+            raw_params.cb_eval_user_data = cell.user_data();
         }
         // SAFETY: the model outlives the context ('m); the callback's user data
         // is boxed, so it does not move while the context lives.
@@ -416,11 +558,17 @@ impl<'m, H: LayerHook> Context<'m, H> {
     }
 
     pub fn hook(&self) -> &H {
-        &self.cell.hook
+        &self.cell.get().hook
     }
 
     pub fn hook_mut(&mut self) -> &mut H {
-        &mut self.cell.hook
+        &mut self.cell.get_mut().hook
+    }
+
+    /// The first of `layers` whose block output this context's graph has not
+    /// shown the hook (all of them without a callback).
+    pub fn unseen(&self, layers: &[usize]) -> Option<usize> {
+        self.cell.get().unseen(layers)
     }
 
     pub fn n_ctx(&self) -> usize {
@@ -443,6 +591,9 @@ impl<'m, H: LayerHook> Context<'m, H> {
         // SAFETY: the batch is valid for its n_tokens; the hook cell is only
         // touched by the callback on this thread during the call.
         let rc = unsafe { sys::llama_decode(self.raw.as_ptr(), batch.raw) };
+        if let Some(why) = self.cell.get_mut().failure.take() {
+            return Err(DecodeError::Hook(why));
+        }
         match rc {
             0 => Ok(()),
             1 => Err(DecodeError::NoKvSlot),

@@ -198,19 +198,41 @@ impl SteerHook {
 
     /// A new request starts on `seq`: its next output token is its last prompt
     /// token, which the gate reads.
-    pub fn begin_request(&mut self, seq: usize) {
-        *self.request_mut(seq) = Request { awaiting_gate: self.mode == Mode::Gated, decision: None };
+    pub fn begin_request(&mut self, seq: usize) -> Result<()> {
+        let mode = self.mode;
+        *self.request_mut(seq)? = Request {
+            awaiting_gate: mode == Mode::Gated,
+            decision: None,
+        };
+        Ok(())
     }
 
     pub fn decision(&self, seq: usize) -> Option<GateDecision> {
         self.requests.get(seq).and_then(|r| r.decision)
     }
 
-    fn request_mut(&mut self, seq: usize) -> &mut Request {
-        if seq >= self.requests.len() {
-            self.requests.resize(seq + 1, Request::default());
+    /// In gated mode, whether the gate has not (yet) decided on `seq`: such a
+    /// request must not be answered.
+    pub fn undecided(&self, seq: usize) -> bool {
+        self.mode == Mode::Gated && self.decision(seq).is_none()
+    }
+
+    /// Layers the model's graph must show the hook: the gate layer, then every steered layer.
+    pub fn needed_layers(&self) -> Vec<usize> {
+        match (self.mode, &self.gate) {
+            (Mode::Plain, _) => Vec::new(),
+            (Mode::Gated, Some(gate)) => std::iter::once(gate.layer)
+                .chain(self.steering.layers.iter().copied())
+                .collect(),
+            _ => self.steering.layers.clone(),
         }
-        &mut self.requests[seq]
+    }
+
+    fn request_mut(&mut self, seq: usize) -> Result<&mut Request> {
+        let n_seq = self.requests.len();
+        self.requests
+            .get_mut(seq)
+            .with_context(|| format!("sequence id {seq} is outside the guard's 0..{n_seq}"))
     }
 
     /// Whether rows of `seq` are shifted from now on.
@@ -245,8 +267,10 @@ impl SteerHook {
         self.row_seq.iter().any(|&s| self.is_steered(s))
     }
 
-    fn run_gate(&mut self, layer: usize, out: &mut LayerOutput) {
-        let Some(gate) = &self.gate else { return };
+    fn run_gate(&mut self, layer: usize, out: &mut LayerOutput) -> Result<()> {
+        let Some(gate) = &self.gate else {
+            return Ok(());
+        };
         let n_embd = out.n_embd();
         let all_rows = out.rows() == self.n_tokens;
         let mut decided = Vec::new();
@@ -261,14 +285,33 @@ impl SteerHook {
             }
         });
         for (seq, decision) in decided {
-            *self.request_mut(seq) = Request { awaiting_gate: false, decision: Some(decision) };
+            *self.request_mut(seq)? = Request {
+                awaiting_gate: false,
+                decision: Some(decision),
+            };
         }
         self.gate_rows.clear();
+        Ok(())
     }
 
-    fn apply_shift(&self, shift: &[f32], out: &mut LayerOutput) {
+    fn apply_shift(&self, shift: &[f32], out: &mut LayerOutput) -> Result<()> {
         let n_embd = out.n_embd();
-        let seqs = if out.rows() == self.n_tokens { &self.row_seq } else { &self.output_seq };
+        let seqs = if out.rows() == self.n_tokens {
+            &self.row_seq
+        } else {
+            &self.output_seq
+        };
+        // llama.cpp's own cvector-generator checks the same: rows must be the
+        // batch's tokens or its outputs, or a shift could land on another request.
+        if seqs.len() != out.rows() || shift.len() != n_embd {
+            bail!(
+                "the tensor has {} rows of {n_embd}, but the planned batch has {} tokens and {} outputs of {}",
+                out.rows(),
+                self.row_seq.len(),
+                self.output_seq.len(),
+                shift.len()
+            );
+        }
         out.modify(|data| {
             for (row, &seq) in seqs.iter().enumerate() {
                 if self.is_steered(seq) {
@@ -278,6 +321,7 @@ impl SteerHook {
                 }
             }
         });
+        Ok(())
     }
 }
 
@@ -291,18 +335,19 @@ impl LayerHook for SteerHook {
         gate_here || shift_here
     }
 
-    fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) {
+    fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) -> Result<()> {
         if !self.gate_rows.is_empty() && self.gate.as_ref().is_some_and(|g| g.layer == layer) {
-            self.run_gate(layer, out);
+            self.run_gate(layer, out)?;
         }
-        if let (true, Some(shift)) = (self.shift_enabled, self.steering.shift(layer)) {
-            self.apply_shift(shift, out);
+        match (self.shift_enabled, self.steering.shift(layer)) {
+            (true, Some(shift)) => self.apply_shift(shift, out),
+            _ => Ok(()),
         }
     }
 }
 
 impl BatchAware for SteerHook {
-    fn plan(&mut self, batch: &dyn BatchLayout, _: &[LastToken]) {
+    fn plan(&mut self, batch: &dyn BatchLayout, _: &[LastToken]) -> Result<()> {
         self.n_tokens = batch.len();
         self.row_seq.clear();
         self.output_seq.clear();
@@ -310,7 +355,16 @@ impl BatchAware for SteerHook {
         let offset = self.gate.as_ref().map_or(0, |g| g.offset);
         let mut output_row = vec![None; batch.len()];
         for row in 0..batch.len() {
-            let seq = batch.seq(row) as usize;
+            let seq = usize::try_from(batch.seq(row))
+                .ok()
+                .filter(|&s| s < self.requests.len());
+            let seq = seq.with_context(|| {
+                format!(
+                    "token {row} is in sequence {}, outside the guard's 0..{}",
+                    batch.seq(row),
+                    self.requests.len()
+                )
+            })?;
             self.row_seq.push(seq);
             if batch.is_output(row) {
                 output_row[row] = Some(self.output_seq.len());
@@ -326,6 +380,7 @@ impl BatchAware for SteerHook {
         for entry in &mut self.gate_rows {
             entry.1 = entry.0.and_then(|r| output_row[r]);
         }
+        Ok(())
     }
 }
 

@@ -44,7 +44,13 @@ fn max_error(model: &Model, a: &Array3<f32>, ia: usize, b: &Array3<f32>, ib: usi
 fn alone_vs_batch(model: &Model, name: &str, params: &ContextParams) -> f32 {
     let all = prompts_for(model, name, 80);
     let layers = steerable_layers(model);
-    let mut ctx = Context::new(model, params, CaptureHook::new(model, &layers), true).unwrap();
+    let mut ctx = Context::new(
+        model,
+        params,
+        CaptureHook::new(model, &layers).unwrap(),
+        true,
+    )
+    .unwrap();
     let hidden = ProgressBar::hidden();
     let mut worst: f32 = 0.0;
     for probe in [0, 7, 13] {
@@ -97,8 +103,17 @@ fn forced_device_copy_path_reads_the_same_activations() {
     let layers = steerable_layers(&model);
     let hidden = ProgressBar::hidden();
     let run = |force_device_copy: bool| {
-        let params = ContextParams { force_device_copy, ..ContextParams::default() };
-        let mut ctx = Context::new(&model, &params, CaptureHook::new(&model, &layers), true).unwrap();
+        let params = ContextParams {
+            force_device_copy,
+            ..ContextParams::default()
+        };
+        let mut ctx = Context::new(
+            &model,
+            &params,
+            CaptureHook::new(&model, &layers).unwrap(),
+            true,
+        )
+        .unwrap();
         capture(&mut ctx, &tokens, &[0], true, &hidden).unwrap().0
     };
     let (host, device) = (run(false), run(true));
@@ -110,8 +125,17 @@ fn shared_prefix_is_decoded_once() {
     let model = Model::load(&common::model(common::QWEN), 0).unwrap();
     let tokens = prompts_for(&model, common::QWEN, 8);
     let prefix = inferalign::capture::shared_prefix_len(&tokens);
-    assert!(prefix > 10, "Qwen's template should share a system prompt, got {prefix} tokens");
-    let mut ctx = Context::new(&model, &ContextParams::default(), CaptureHook::new(&model, &[1]), true).unwrap();
+    assert!(
+        prefix > 10,
+        "Qwen's template should share a system prompt, got {prefix} tokens"
+    );
+    let mut ctx = Context::new(
+        &model,
+        &ContextParams::default(),
+        CaptureHook::new(&model, &[1]).unwrap(),
+        true,
+    )
+    .unwrap();
     let hidden = ProgressBar::hidden();
     let (_, reused) = capture(&mut ctx, &tokens, &[0], true, &hidden).unwrap();
     let (_, whole) = capture(&mut ctx, &tokens, &[0], false, &hidden).unwrap();

@@ -116,7 +116,12 @@ fn extract_bench(args: ExtractBench) -> Result<()> {
     let tokens = prepare(&model, &template, &prompts, args.model.ctx_size as usize)?;
     let params = args.model.context_params();
     let mut plain = Context::new(&model, &params, NoHook, false)?;
-    let mut hooked = Context::new(&model, &params, CaptureHook::new(&model, &steerable_layers(&model)), true)?;
+    let mut hooked = Context::new(
+        &model,
+        &params,
+        CaptureHook::new(&model, &steerable_layers(&model))?,
+        true,
+    )?;
     let hidden = ProgressBar::hidden();
 
     let (mut plain_runs, mut capture_runs, mut extract_runs) = (Vec::new(), Vec::new(), Vec::new());
