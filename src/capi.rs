@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Context as _, Result};
 
 use crate::gate::Gate;
-use crate::llama::{foreign_model_dims, BatchLayout, ForeignBatch, ForeignHook};
+use crate::llama::{foreign_model_arch, foreign_model_dims, BatchLayout, ForeignBatch, ForeignHook};
 use crate::steer::{parse_layers, Mode, SteerHook, Steering};
 use crate::capture::BatchAware;
 use crate::vectors::{Strength, VectorFile};
@@ -85,11 +85,13 @@ unsafe fn new_guard(
     let (n_embd, n_layer) = foreign_model_dims(model);
     let gate_path = opt_str(gate_path)?.context("gate_path is NULL")?;
     let gate_file = VectorFile::read(Path::new(gate_path))?;
-    gate_file.check_dims(n_embd, n_layer).with_context(|| format!("{gate_path} does not fit the model"))?;
+    let arch = foreign_model_arch(model);
+    let fits = |f: &VectorFile| f.check_dims(n_embd, n_layer).and_then(|()| f.check_arch(&arch));
+    fits(&gate_file).with_context(|| format!("{gate_path} does not fit the model"))?;
     let steer_file = match opt_str(steer_path)? {
         Some(p) => {
             let f = VectorFile::read(Path::new(p))?;
-            f.check_dims(n_embd, n_layer).with_context(|| format!("{p} does not fit the model"))?;
+            fits(&f).with_context(|| format!("{p} does not fit the model"))?;
             f
         }
         None => gate_file.clone(),

@@ -423,6 +423,16 @@ pub unsafe fn foreign_model_dims(model: *const sys::llama_model) -> (usize, usiz
     (sys::llama_model_n_embd(model) as usize, sys::llama_model_n_layer(model) as usize)
 }
 
+/// `general.architecture` of a model owned by an application (C ABI).
+///
+/// # Safety
+/// `model` must be a valid, loaded `llama_model`.
+pub unsafe fn foreign_model_arch(model: *const sys::llama_model) -> String {
+    let mut buf = [0u8; 128];
+    let n = sys::llama_model_meta_val_str(model, c"general.architecture".as_ptr(), buf.as_mut_ptr() as *mut std::os::raw::c_char, buf.len());
+    usize::try_from(n).ok().filter(|&n| n < buf.len()).map_or_else(String::new, |n| String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
 #[derive(Clone, Debug)]
 pub struct ContextParams {
     pub n_ctx: u32,
@@ -972,12 +982,13 @@ impl GgufWriter {
                     sys::gguf_add_tensor(gguf, t);
                 }
             }
-            let tmp = path.with_extension("gguf.tmp");
-            let ctmp = CString::new(tmp.as_os_str().as_encoded_bytes())?;
-            if !unsafe { sys::gguf_write_to_file(gguf, ctmp.as_ptr(), false) } {
-                bail!("cannot write {}", tmp.display());
-            }
-            std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+            crate::output::write_with(path, |tmp| {
+                let ctmp = CString::new(tmp.as_os_str().as_encoded_bytes())?;
+                if !unsafe { sys::gguf_write_to_file(gguf, ctmp.as_ptr(), false) } {
+                    bail!("cannot write {}", tmp.display());
+                }
+                Ok(())
+            })
         })();
         unsafe {
             sys::gguf_free(gguf);

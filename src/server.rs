@@ -10,10 +10,12 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc as std_mpsc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _, Result};
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -111,6 +113,15 @@ impl Live {
 /// answer what it would be alone.
 pub const BATCH_INVARIANT_ROWS: usize = 4;
 
+/// Runs one short request before serving: proves that this model's graph shows
+/// the guard its gate layer and every steered layer, or says why not.
+pub fn warm_up<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'m, SteerHook>) -> Result<()> {
+    let tokens = prompt_tokens(model, template, &Input::Chat(vec![("user".into(), "Hello".into())]))?;
+    let sampling = Sampling { max_tokens: 1, temperature: 0.0, ..Sampling::default() };
+    Engine::new(model, ctx, 1).run(&[tokens], &sampling, |_| {}).context("the warm-up request failed, so the guard cannot be trusted on this model")?;
+    Ok(())
+}
+
 /// Serves jobs until every sender is gone and the last request is done.
 pub fn run_engine<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'m, SteerHook>, parallel: usize, jobs: std_mpsc::Receiver<Job>) -> Result<()> {
     let mut engine = Engine::new(model, ctx, parallel);
@@ -147,7 +158,13 @@ pub fn run_engine<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'
             let id = next_id;
             next_id += 1;
             live.insert(id, Live { replies: job.replies, stop: job.stop, text: String::new(), sent: 0, stopped: false, prompt_tokens: tokens.len() });
-            engine.admit(id, &tokens, &job.sampling, &mut |event| on_event(&mut live, event))?;
+            if let Err(e) = engine.admit(id, &tokens, &job.sampling, &mut |event| on_event(&mut live, event)) {
+                // A request the guard could not gate is answered with an error, never unguarded.
+                engine.finish(id);
+                if let Some(l) = live.remove(&id) {
+                    let _ = l.replies.send(Reply::Rejected(ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")).with_code("guard_failed")));
+                }
+            }
         }
         if engine.is_idle() {
             continue;
@@ -275,7 +292,9 @@ pub fn router(jobs: std_mpsc::SyncSender<Job>, options: ServeOptions) -> Router 
 async fn check_api_key(State(key): State<Option<String>>, request: Request, next: Next) -> Response {
     if let Some(key) = key {
         let given = request.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
+        // Constant time: how much of a guess matched must not show in the timing.
+        let matches = given.is_some_and(|g| bool::from(subtle::ConstantTimeEq::ct_eq(g.as_bytes(), key.as_bytes())));
+        if !matches {
             return ApiError::invalid(StatusCode::UNAUTHORIZED, "invalid or missing API key: send Authorization: Bearer <key>")
                 .with_code("invalid_api_key")
                 .into_response();
@@ -351,6 +370,15 @@ struct Options {
     top_k: Option<i32>,
     seed: Option<i64>,
     stop: Option<StopField>,
+    n: Option<u32>,
+    // Accepted only to refuse them clearly: silently ignoring them would
+    // answer something other than what the client asked for.
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    response_format: Option<Value>,
+    logprobs: Option<Value>,
+    top_logprobs: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -360,7 +388,26 @@ struct StreamOptions {
 }
 
 impl Options {
+    /// An error for every request field this server does not implement.
+    fn check_supported(&self) -> Result<(), ApiError> {
+        let unsupported = |field: &str| Err(ApiError::bad_request(format!("{field} is not supported by this server")).with_code("unsupported_parameter"));
+        if self.n.is_some_and(|n| n != 1) {
+            return unsupported("n other than 1");
+        }
+        let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null() && *v != json!(false));
+        for (field, value) in [("tools", &self.tools), ("tool_choice", &self.tool_choice), ("functions", &self.functions), ("logprobs", &self.logprobs), ("top_logprobs", &self.top_logprobs)] {
+            if set(value) {
+                return unsupported(field);
+            }
+        }
+        if self.response_format.as_ref().is_some_and(|f| f.get("type").and_then(Value::as_str).is_some_and(|t| t != "text")) {
+            return unsupported("response_format other than text");
+        }
+        Ok(())
+    }
+
     fn sampling(&self) -> Result<Sampling, ApiError> {
+        self.check_supported()?;
         let temperature = self.temperature.unwrap_or(0.8);
         if !(0.0..=2.0).contains(&temperature) {
             return Err(ApiError::bad_request("temperature must be between 0 and 2").with_code("invalid_value"));
@@ -400,9 +447,16 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     })
 }
 
+/// Most messages in one chat request: templating cost grows with the square
+/// of their number, and it runs on the engine thread every request waits for.
+pub const MAX_MESSAGES: usize = 512;
+
 fn chat_messages(messages: Vec<Message>) -> Result<Vec<(String, String)>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").with_code("invalid_value"));
+    }
+    if messages.len() > MAX_MESSAGES {
+        return Err(ApiError::bad_request(format!("{} messages is more than the {MAX_MESSAGES} this server takes", messages.len())).with_code("invalid_value"));
     }
     messages
         .into_iter()
@@ -426,14 +480,19 @@ fn chat_messages(messages: Vec<Message>) -> Result<Vec<(String, String)>, ApiErr
         .collect()
 }
 
-async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let request: ChatRequest = parse(&body)?;
+/// The body, or axum's refusal of it (too large, unreadable) as an OpenAI-style error.
+fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| ApiError::invalid(e.status(), e.body_text()))
+}
+
+async fn chat_completions(State(state): State<AppState>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let request: ChatRequest = parse(&body(raw)?)?;
     let input = Input::Chat(chat_messages(request.messages)?);
     respond(state, input, request.options, Kind::Chat).await
 }
 
-async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let request: CompletionRequest = parse(&body)?;
+async fn completions(State(state): State<AppState>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let request: CompletionRequest = parse(&body(raw)?)?;
     let prompt = match request.prompt {
         PromptField::One(p) => p,
         PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -561,6 +620,49 @@ fn unix_time() -> u64 {
 }
 
 /// Resolves on SIGINT or SIGTERM.
+/// What one client can hold of the server.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Open connections at once; beyond it a new one is closed at once.
+    pub max_connections: usize,
+    /// Time a connection has to send a request's headers, also when it sits
+    /// idle between requests; then it is closed.
+    pub header_timeout: Duration,
+}
+
+/// Serves `app` on `listener` until `stop`, within `limits`, then lets
+/// requests in flight finish. axum's own `serve` has neither bound.
+pub async fn serve_http(listener: tokio::net::TcpListener, app: Router, limits: Limits, stop: impl std::future::Future<Output = ()>) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stop => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                // Out of file descriptors, say: wait for some to close.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _ = conn.await;
+        });
+    }
+    graceful.shutdown().await;
+}
+
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

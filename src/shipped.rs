@@ -8,11 +8,12 @@ use serde::{Deserialize, Serialize};
 use crate::extract::sha256_file;
 use crate::llama::Model;
 
-/// `$INFERALIGN_VECTORS`, else the repository's `gguf-vectors/`.
-pub fn shipped_dir() -> PathBuf {
-    std::env::var_os("INFERALIGN_VECTORS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("gguf-vectors"))
+/// `$INFERALIGN_VECTORS`, else the `gguf-vectors/` this binary carries.
+pub fn shipped_dir() -> Result<PathBuf> {
+    match std::env::var_os("INFERALIGN_VECTORS") {
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => Ok(crate::embedded::root()?.join("gguf-vectors")),
+    }
 }
 
 /// One shipped file and how it was made.
@@ -43,7 +44,7 @@ impl Manifest {
 
 /// The shipped gate/steering file for `model`, or an error that says what to do.
 pub fn vectors_for(model: &Model) -> Result<PathBuf> {
-    let dir = shipped_dir();
+    let dir = shipped_dir()?;
     let manifest = Manifest::read(&dir)?;
     let size = std::fs::metadata(&model.path)?.len();
     let candidates: Vec<&Entry> = manifest.vectors.iter().filter(|e| e.model_file_size == size).collect();

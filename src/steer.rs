@@ -23,6 +23,9 @@ pub enum Mode {
     Always,
 }
 
+/// Bound on layer indices a list may name, so a typo cannot allocate gigabytes.
+const MAX_LAYERS: usize = 1 << 16;
+
 /// Parses a layer list: `10-16`, `3,5,7` or `3,10-12`.
 pub fn parse_layers(spec: &str) -> Result<Vec<usize>> {
     let mut layers = Vec::new();
@@ -33,6 +36,9 @@ pub fn parse_layers(spec: &str) -> Result<Vec<usize>> {
                 let (a, b): (usize, usize) = (a.trim().parse().with_context(bad)?, b.trim().parse().with_context(bad)?);
                 if a > b {
                     bail!("bad layer range {part:?}: start after end");
+                }
+                if b >= MAX_LAYERS {
+                    bail!("bad layer range {part:?}: no model has {b} layers");
                 }
                 layers.extend(a..=b);
             }
@@ -59,6 +65,10 @@ pub fn format_layers(layers: &[usize]) -> String {
     }
     parts.join(",")
 }
+
+/// Largest shift added to one activation value: beyond it answers are noise
+/// and sums overflow.
+const MAX_SHIFT: f32 = 1e4;
 
 /// The safety steering vectors, scaled: `alpha_l * theta_l` for each `l` in `L_G`.
 #[derive(Clone, Debug)]
@@ -90,7 +100,11 @@ impl Steering {
                 bail!("the steering vector of layer {layer} is zero");
             }
             let alpha = alpha_at(ssv, strength, layer)?;
-            shifts[layer] = Some(theta.iter().map(|x| alpha * x / norm).collect());
+            let shift: Vec<f32> = theta.iter().map(|x| alpha * x / norm).collect();
+            if !(norm.is_finite() && shift.iter().all(|x| x.abs() <= MAX_SHIFT)) {
+                bail!("the shift at layer {layer} (strength {alpha} times its vector) is not a finite value within ±{MAX_SHIFT:e}; use a smaller --alpha or --strength");
+            }
+            shifts[layer] = Some(shift);
         }
         let mut layers = layers.to_vec();
         layers.sort_unstable();
@@ -394,6 +408,8 @@ mod tests {
             assert_eq!(format_layers(&parse_layers(spec).unwrap()), spec);
         }
         assert!(parse_layers("5-3").is_err());
+        assert!(parse_layers("1-18446744073709551615").is_err());
+        assert!(parse_layers("1-2000000000").unwrap_err().to_string().contains("no model has"));
         assert!(parse_layers("").is_err());
     }
 }

@@ -144,11 +144,22 @@ impl VectorFile {
         read_file(path).with_context(|| format!("invalid vector file {}", path.display()))
     }
 
-    /// Fails unless the vectors fit `model` (same width, layers that exist, and
-    /// the same depth when the file records it).
+    /// Fails unless the vectors fit `model`: the architecture they were made
+    /// for, and its shape (see [`check_dims`](Self::check_dims)).
     pub fn check_fits(&self, model: &Model, path: &Path) -> Result<()> {
+        let arch = model.meta("general.architecture").unwrap_or_default();
         self.check_dims(model.n_embd(), model.n_layer())
+            .and_then(|()| self.check_arch(&arch))
             .with_context(|| format!("vector file {} does not fit model {}", path.display(), model.path.display()))
+    }
+
+    /// The architecture recorded in the file (llama.cpp's `model_hint`) must be
+    /// the model's: a file of another model padded to this shape is refused.
+    pub fn check_arch(&self, arch: &str) -> Result<()> {
+        if !self.model_hint.is_empty() && !arch.is_empty() && self.model_hint != arch {
+            bail!("the vectors were made for a {} model, this one is {arch} (pass --any-model to use them anyway)", self.model_hint);
+        }
+        Ok(())
     }
 
     /// As [`check_fits`](Self::check_fits), for a model of `n_embd` and `n_layer`.
@@ -191,6 +202,10 @@ impl VectorFile {
     }
 }
 
+/// Largest magnitude a stored value may have: far above any real activation
+/// scale, far below what overflows a dot product or a shift to infinity.
+const MAX_VALUE: f32 = 1e6;
+
 fn read_file(path: &Path) -> Result<VectorFile> {
     let file = GgufFile::open(path)?;
     let mut directions = BTreeMap::new();
@@ -199,14 +214,19 @@ fn read_file(path: &Path) -> Result<VectorFile> {
             .strip_prefix("direction.")
             .and_then(|k| k.parse().ok())
             .with_context(|| format!("tensor {name:?} is not named direction.<layer>"))?;
+        if name != format!("direction.{layer}") {
+            bail!("tensor {name:?} is not named as llama.cpp names layer {layer} (direction.{layer}); one tensor per layer");
+        }
         if layer == 0 {
             bail!("it holds direction.0, which llama.cpp rejects (layer 0 never takes a control vector)");
         }
         let v = file.tensor_f32(&name)?;
-        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            bail!("{name} holds a non-finite value ({}) at index {i}", v[i]);
+        if let Some(i) = v.iter().position(|x| !(x.abs() <= MAX_VALUE)) {
+            bail!("{name} holds {} at index {i}; values must be finite and within ±{MAX_VALUE:e}", v[i]);
         }
-        directions.insert(layer, v);
+        if directions.insert(layer, v).is_some() {
+            bail!("it holds two tensors named {name}; one tensor per layer");
+        }
     }
     let n_embd = match directions.values().next() {
         Some(v) => v.len(),

@@ -10,7 +10,7 @@ use inferalign::vectors::VectorFile;
 
 fn plain_vectors(path: &Path, n_embd: usize, layers: std::ops::Range<usize>) -> PathBuf {
     let directions: BTreeMap<usize, Vec<f32>> = layers.map(|l| (l, vec![0.01; n_embd])).collect();
-    let file = VectorFile { model_hint: "test".into(), layer_count: directions.len() as u32, n_embd, directions, calibration: None, defaults: None };
+    let file = VectorFile { model_hint: "qwen2".into(), layer_count: directions.len() as u32, n_embd, directions, calibration: None, defaults: None };
     file.write(path).unwrap();
     path.to_path_buf()
 }
@@ -88,11 +88,14 @@ fn non_finite_values_are_rejected() {
     let mut bad = vec![0.1; 896];
     bad[7] = f32::NAN;
     let v = raw_vectors(&dir.path().join("nan.gguf"), &[("direction.3", bad)]);
-    common::cli_err(&["inspect", v.to_str().unwrap()], "direction.3 holds a non-finite value (NaN) at index 7");
+    common::cli_err(&["inspect", v.to_str().unwrap()], "direction.3 holds NaN at index 7; values must be finite");
     let mut inf = vec![0.1; 896];
     inf[0] = f32::INFINITY;
     let v = raw_vectors(&dir.path().join("inf.gguf"), &[("direction.3", inf)]);
-    classify(dir.path(), &v, &["--layer", "3", "--bias", "0"], "non-finite");
+    classify(dir.path(), &v, &["--layer", "3", "--bias", "0"], "values must be finite");
+    // Finite but huge values would overflow the gate's score to NaN.
+    let v = raw_vectors(&dir.path().join("huge.gguf"), &[("direction.3", vec![3e38; 896])]);
+    common::cli_err(&["inspect", v.to_str().unwrap()], "within ±1e6");
 }
 
 #[test]
@@ -210,4 +213,70 @@ fn a_file_without_steering_defaults_never_steers_with_a_guessed_strength() {
     let mut args = vec!["generate", "--model", model.to_str().unwrap(), "-p", "Hello", "-n", "2", "--mode", "plain"];
     args.extend(gate);
     common::cli_ok(&args);
+}
+
+#[test]
+fn aliased_tensor_names_are_rejected() {
+    let dir = common::tempdir();
+    let v = raw_vectors(&dir.path().join("alias.gguf"), &[("direction.2", vec![0.1; 896]), ("direction.02", vec![-0.1; 896])]);
+    common::cli_err(&["inspect", v.to_str().unwrap()], "not named as llama.cpp names layer 2");
+}
+
+/// Steering arguments a typo can make absurd: each is one error line, never an
+/// abort or a huge allocation.
+#[test]
+fn absurd_sizes_strengths_and_other_models_vectors_are_errors() {
+    let dir = common::tempdir();
+    let model = common::model(common::QWEN);
+    let generate = |extra: &[&str], vectors: &Path| {
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "-p", "Hello", "-n", "2", "--gate", vectors.to_str().unwrap()];
+        args.extend_from_slice(&["--gate-layer", "12", "--bias", "0"]);
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let qwen = plain_vectors(&dir.path().join("qwen.gguf"), 896, 1..24);
+    let run_err = |args: Vec<String>, needle: &str| common::cli_err(&args.iter().map(String::as_str).collect::<Vec<_>>(), needle);
+    run_err(generate(&["--alpha", "3e38", "--layers", "14"], &qwen), "is not a finite value within");
+    run_err(generate(&["--alpha", "1", "--layers", "1-2000000000"], &qwen), "no model has");
+    run_err(generate(&["--alpha", "1", "--layers", "1-18446744073709551615"], &qwen), "no model has");
+    run_err(generate(&["--alpha", "1", "--layers", "14", "-b", "1"], &qwen), "--batch-size");
+    run_err(generate(&["--alpha", "1", "--layers", "14", "-c", "10"], &qwen), "--ctx-size");
+    // A file recorded for another architecture, padded to this shape.
+    let directions: BTreeMap<usize, Vec<f32>> = (1..24).map(|l| (l, vec![0.01; 896])).collect();
+    let other = VectorFile { model_hint: "gemma3".into(), layer_count: 23, n_embd: 896, directions, calibration: None, defaults: None };
+    let other_path = dir.path().join("gemma-padded.gguf");
+    other.write(&other_path).unwrap();
+    run_err(generate(&["--alpha", "1", "--layers", "14"], &other_path), "made for a gemma3 model, this one is qwen2");
+    let forced = generate(&["--alpha", "1", "--layers", "14", "--any-model"], &other_path);
+    common::cli_ok(&forced.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+#[test]
+fn an_output_path_that_cannot_be_written_is_named_before_any_work() {
+    let dir = common::tempdir();
+    let model = common::model(common::QWEN);
+    let prompts = common::write_lines(dir.path(), "p.txt", &["Hello".into(), "Hi".into()]);
+    for (out, needle) in [(dir.path().to_path_buf(), "is a directory"), (dir.path().join("missing/out.gguf"), "cannot write into")] {
+        let started = std::time::Instant::now();
+        common::cli_err(
+            &["extract", "--model", model.to_str().unwrap(), "--harmful", prompts.to_str().unwrap(), "--harmless", prompts.to_str().unwrap(), "--out", out.to_str().unwrap()],
+            needle,
+        );
+        eprintln!("refused in {:.1} s", started.elapsed().as_secs_f64());
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 1, "nothing but the prompts is left: {left:?}");
+}
+
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    let dir = common::tempdir();
+    let v = plain_vectors(&dir.path().join("v.gguf"), 896, 1..24);
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("'{}' inspect '{}' | true", env!("CARGO_BIN_EXE_inferalign"), v.display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

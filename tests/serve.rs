@@ -81,7 +81,15 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let server = start_server(QWEN, &["--parallel", "2", "-c", "1024", "--api-key", "s3cret"]);
     let good = chat_body("Say hello.", 4).to_string();
     let long_prompt = chat_body(&"lorem ipsum ".repeat(400), 4).to_string();
-    let cases: [(Option<&str>, &str, u16, &str); 8] = [
+    let many = json!({"messages": vec![json!({"role": "user", "content": ""}); 600]}).to_string();
+    let huge = json!({"messages": [{"role": "user", "content": "a".repeat(3 << 20)}]}).to_string();
+    let with = |extra: Value| {
+        let mut body = chat_body("hi", 4);
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body.to_string()
+    };
+    let (n2, tools, json_format) = (with(json!({"n": 2})), with(json!({"tools": [{"type": "function"}]})), with(json!({"response_format": {"type": "json_object"}})));
+    let cases: [(Option<&str>, &str, u16, &str); 13] = [
         (None, &good, 401, "API key"),
         (Some("wrong"), &good, 401, "API key"),
         (Some("s3cret"), "{\"messages\": [", 400, "not valid JSON"),
@@ -90,6 +98,11 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         (Some("s3cret"), r#"{"messages": []}"#, 400, "must not be empty"),
         (Some("s3cret"), r#"{"messages": [{"role": "wizard", "content": "hi"}]}"#, 400, "role"),
         (Some("s3cret"), &long_prompt, 400, "leaves no room"),
+        (Some("s3cret"), &many, 400, "messages is more than"),
+        (Some("s3cret"), &huge, 413, "length limit"),
+        (Some("s3cret"), &n2, 400, "n other than 1"),
+        (Some("s3cret"), &tools, 400, "tools is not supported"),
+        (Some("s3cret"), &json_format, 400, "response_format"),
     ];
     for (key, body, status, needle) in cases {
         let (got, error) = expect_error(&server.url, key, body);
@@ -237,4 +250,36 @@ fn load_test_loses_and_mixes_up_nothing() {
     assert_eq!(report["lost"], 0);
     assert_eq!(report["mismatched"], json!([]));
     assert_eq!(report["steered"], 3, "every fourth request is harmful");
+}
+
+/// More idle and slow connections than the server takes: the extra ones are
+/// closed at once, the held ones when their header time runs out, and then
+/// /health and a real request are answered.
+#[test]
+fn idle_and_slow_connections_cannot_starve_the_server() {
+    use std::io::{Read, Write};
+    let server = start_server(QWEN, &["--max-connections", "8", "--header-timeout", "2"]);
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    let idle: Vec<std::net::TcpStream> = (0..40).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    // One header byte every 300 ms: never a whole header within the time.
+    let mut closed = false;
+    for byte in b"GET /health HTTP/1.1\r\nHost: x\r\n".iter().cycle().take(40) {
+        if slow.write_all(&[*byte]).is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let mut rest = Vec::new();
+    closed |= slow.read_to_end(&mut rest).is_ok();
+    assert!(closed && started.elapsed() < Duration::from_secs(12), "a slow header was not cut off");
+    // By now every held connection has had its header time.
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(started.elapsed()));
+    let health = agent().get(&format!("{}/health", server.url)).call().unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(!content(&chat(&server.url, "Say hello.", 4)).is_empty());
+    drop(idle);
 }

@@ -100,7 +100,7 @@ fn pass(url: &str, prompts: &[String], clients: usize, max_tokens: usize) -> (Pa
 
 pub fn serve_bench(args: ServeBench) -> Result<()> {
     anyhow::ensure!(args.clients > 0 && args.requests > 0, "--clients and --requests must be at least 1");
-    let harmless = read_prompts(&super::eval::repo_data("harmless.txt"))?;
+    let harmless = read_prompts(&inferalign::embedded::data("harmless.txt")?)?;
     let harmful = read_prompts(&inferalign::cache::data_file("advbench.jsonl"))?;
     let prompts: Vec<String> =
         (0..args.requests).map(|i| if i % 4 == 3 { harmful[i % harmful.len()].clone() } else { harmless[i % harmless.len()].clone() }).collect();

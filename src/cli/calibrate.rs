@@ -195,7 +195,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     }
     if let Some(dir) = &args.report {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        std::fs::write(dir.join("calibrate.json"), serde_json::to_string_pretty(&report)?)?;
+        inferalign::output::write_bytes(&dir.join("calibrate.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
         plot::lines(
             &dir.join("robust.svg"),
             &format!("certified gate accuracy at layer {} against drift rho (line: measured drift)", gate.layer),

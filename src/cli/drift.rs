@@ -95,7 +95,7 @@ pub fn run(args: DriftArgs) -> Result<()> {
     }
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        std::fs::write(out.join("drift.json"), serde_json::to_string_pretty(&drift)?)?;
+        inferalign::output::write_bytes(&out.join("drift.json"), serde_json::to_string_pretty(&drift)?.as_bytes())?;
         let series = |f: fn(&inferalign::drift::LayerDrift) -> f64| drift.layers.iter().map(|d| (d.layer as f64, f(d))).collect();
         plot::lines(
             &out.join("drift.svg"),

@@ -94,8 +94,9 @@ impl EvalMode {
     }
 }
 
-pub fn repo_data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name)
+/// `path` if given, else the prompt set `name` this binary carries.
+pub fn or_carried(path: &Option<PathBuf>, name: &str) -> Result<PathBuf> {
+    path.clone().map_or_else(|| inferalign::embedded::data(name), Ok)
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
@@ -111,15 +112,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let cal = resolved.gate_file.calibration.as_ref();
 
     let harmful_path = args.harmful.clone().unwrap_or_else(|| inferalign::cache::data_file("advbench.jsonl"));
-    let harmless_path = args.harmless.clone().unwrap_or_else(|| repo_data("harmless.txt"));
+    let harmless_path = or_carried(&args.harmless, "harmless.txt")?;
     let (harmful, skipped_harmful) = held_out(&harmful_path, cal.map(|c| (&c.data.harmful, c.data.seed)))?;
     let (harmless, skipped_harmless) = held_out(&harmless_path, cal.map(|c| (&c.data.harmless, c.data.seed)))?;
     let mut items = eval::items(Set::Harmful, &harmful, limit);
     items.extend(eval::items(Set::Harmless, &harmless, limit));
-    let jailbreak_path = args.jailbreaks.clone().unwrap_or_else(|| repo_data("jailbreaks.jsonl"));
+    let jailbreak_path = or_carried(&args.jailbreaks, "jailbreaks.jsonl")?;
     let templates = read_jailbreaks(&jailbreak_path)?;
     items.extend(jailbreak_items(&harmful, &templates, limit));
-    let tasks_path = args.tasks.clone().unwrap_or_else(|| repo_data("tasks.jsonl"));
+    let tasks_path = or_carried(&args.tasks, "tasks.jsonl")?;
     items.extend(task_items(read_tasks(&tasks_path)?, limit));
     items.retain(|item| args.sets.contains(&item.set));
     eprintln!(
@@ -189,7 +190,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             "generated_tokens_per_second": stats.generated_tokens as f64 / stats.decode_seconds.max(1e-9),
             "stats": stats,
         });
-        std::fs::write(args.out.join("speed.json"), serde_json::to_string_pretty(&speeds)?)?;
+        inferalign::output::write_bytes(&args.out.join("speed.json"), serde_json::to_string_pretty(&speeds)?.as_bytes())?;
     }
 
     let figures = summarise(&outcomes);
@@ -204,9 +205,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "speed": speeds,
         "judge": "refusal phrases in the first 160 characters; degenerate = empty, garbage or repeated n-grams (see `inferalign judge-check`)",
     });
-    std::fs::write(args.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    inferalign::output::write_bytes(&args.out.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     let markdown = report_markdown(&figures, &speeds, &resolved) + &family_markdown(&families);
-    std::fs::write(args.out.join("report.md"), &markdown)?;
+    inferalign::output::write_bytes(&args.out.join("report.md"), markdown.as_bytes())?;
     plots(&args.out, &figures, &outcomes, &resolved)?;
     println!("{markdown}");
     println!("wrote {}", args.out.display());
@@ -227,7 +228,7 @@ fn resume(out: &Path, params: &serde_json::Value) -> Result<Vec<Outcome>> {
         ),
         Some(_) => {}
         None => {
-            std::fs::write(&params_path, serde_json::to_string_pretty(params)?)?;
+            inferalign::output::write_bytes(&params_path, serde_json::to_string_pretty(params)?.as_bytes())?;
             let _ = std::fs::remove_file(out.join("outputs.jsonl"));
         }
     }

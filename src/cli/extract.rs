@@ -64,6 +64,8 @@ pub struct ExtractArgs {
 
 pub fn run(args: ExtractArgs) -> Result<()> {
     anyhow::ensure!(args.train > 0, "--train must be at least 1");
+    // Before minutes of decoding, not after.
+    inferalign::output::check(&args.out)?;
     let wrappers = match &args.wrappers {
         Some(path) => Wrappers::read(path)?,
         None => Wrappers::builtin(),

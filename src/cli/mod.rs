@@ -91,10 +91,10 @@ pub struct ModelArgs {
     #[arg(long)]
     pub system_prompt: Option<String>,
     /// Context size in tokens; longer prompts are an error
-    #[arg(short = 'c', long, default_value_t = 4096)]
+    #[arg(short = 'c', long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(64..))]
     pub ctx_size: u32,
-    /// Tokens per llama_decode call
-    #[arg(short = 'b', long, default_value_t = 512)]
+    /// Tokens per llama_decode call (at least 64, as llama.cpp needs)
+    #[arg(short = 'b', long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(64..))]
     pub batch_size: u32,
     /// CPU threads (default: all cores)
     #[arg(short = 't', long)]

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 
 use inferalign::llama::{Context, ContextParams, Model};
-use inferalign::server::{router, run_engine, shutdown_signal, ServeOptions};
+use inferalign::server::{router, run_engine, serve_http, shutdown_signal, warm_up, Limits, ServeOptions};
 use inferalign::steer::Mode;
 
 use super::steer_args::GuardArgs;
@@ -34,6 +34,12 @@ pub struct ServeArgs {
     /// Model name reported to clients (default: the model file's name)
     #[arg(long)]
     pub alias: Option<String>,
+    /// Most open connections; more are closed at once
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's headers, or sit idle between requests
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout: u64,
 }
 
 /// A context in which each request's answer does not depend on what else is
@@ -48,6 +54,13 @@ pub fn batch_invariant(params: ContextParams, parallel: usize) -> ContextParams 
 
 pub fn run(mut args: ServeArgs) -> Result<()> {
     anyhow::ensure!(args.parallel >= 1, "--parallel must be at least 1");
+    anyhow::ensure!(
+        args.parallel as u32 <= args.guard.model.batch_size,
+        "--parallel {} is more than the batch size -b {}: every request needs a row in each decode",
+        args.parallel,
+        args.guard.model.batch_size
+    );
+    anyhow::ensure!(args.max_connections >= 1 && args.header_timeout >= 1, "--max-connections and --header-timeout must be at least 1");
     // Repacked weights go through multi-row matmul kernels that round
     // differently from the one-row kernel a request alone gets: with them on,
     // 11 of 48 greedy answers changed under load even at 4 requests per call.
@@ -71,6 +84,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         let engine = scope.spawn(move || {
             let _ended = engine_ended;
             let mut ctx = Context::new(model, params, hook, mode != Mode::Plain)?;
+            warm_up(model, template, &mut ctx)?;
             let _ = ready.send(());
             run_engine(model, template, &mut ctx, parallel, queue)
         });
@@ -91,7 +105,9 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
                     _ = engine_end => {}
                 }
             };
-            axum::serve(listener, app).with_graceful_shutdown(stop).await
+            let limits = Limits { max_connections: args.max_connections, header_timeout: std::time::Duration::from_secs(args.header_timeout) };
+            serve_http(listener, app, limits, stop).await;
+            Ok::<(), anyhow::Error>(())
         });
         let engine = engine.join().expect("the engine thread panicked");
         served.context("the HTTP server failed")?;

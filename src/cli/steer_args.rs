@@ -57,6 +57,9 @@ pub struct SteerArgs {
     /// Gate bias (default: the gate file's calibrated bias); larger is more cautious
     #[arg(long, allow_hyphen_values = true)]
     pub bias: Option<f32>,
+    /// Accept vector files recorded for another architecture when the shapes match
+    #[arg(long)]
+    pub any_model: bool,
 }
 
 /// The resolved vectors for a target model.
@@ -70,18 +73,25 @@ pub struct Resolved {
 }
 
 impl SteerArgs {
+    fn check_fits(&self, file: &VectorFile, model: &Model, path: &std::path::Path) -> Result<()> {
+        match self.any_model {
+            true => file.check_dims(model.n_embd(), model.n_layer()).with_context(|| format!("vector file {} does not fit this model", path.display())),
+            false => file.check_fits(model, path),
+        }
+    }
+
     pub fn resolve(&self, model: &Model, mode: Mode) -> Result<Resolved> {
         let gate_path = match &self.gate {
             Some(path) => path.clone(),
             None => inferalign::shipped::vectors_for(model)?,
         };
         let gate_file = VectorFile::read(&gate_path)?;
-        gate_file.check_fits(model, &gate_path)?;
+        self.check_fits(&gate_file, model, &gate_path)?;
         let gate = Gate::from_file(&gate_file, self.gate_layer, self.bias)?;
         let (steer_file, steer_path) = match &self.steer {
             Some(path) => {
                 let file = VectorFile::read(path)?;
-                file.check_fits(model, path)?;
+                self.check_fits(&file, model, path)?;
                 (file, path.clone())
             }
             None => (gate_file.clone(), gate_path.clone()),

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
 
@@ -15,7 +15,7 @@ use inferalign::prompts::{prepare, Template};
 use inferalign::steer::{parse_layers, Mode, SteerHook, Steering};
 use inferalign::vectors::{SteerDefaults, Strength, VectorFile};
 
-use super::eval::repo_data;
+use super::eval::or_carried;
 use super::generate::SamplingArgs;
 use super::steer_args::{Resolved, SteerArgs};
 use super::{progress, ModelArgs};
@@ -113,10 +113,10 @@ pub fn run(args: SweepArgs) -> Result<()> {
     let template: Template = args.model.template(&model, resolved.recorded_template())?;
     let cal = resolved.gate_file.calibration.as_ref();
     let harmful_path = args.harmful.clone().unwrap_or_else(|| inferalign::cache::data_file("advbench.jsonl"));
-    let harmless_path = args.harmless.clone().unwrap_or_else(|| repo_data("harmless.txt"));
+    let harmless_path = or_carried(&args.harmless, "harmless.txt")?;
     let (harmful, _) = held_out(&harmful_path, cal.map(|c| (&c.data.harmful, c.data.seed)))?;
     let (harmless, _) = held_out(&harmless_path, cal.map(|c| (&c.data.harmless, c.data.seed)))?;
-    let tasks = read_tasks(&args.tasks.clone().unwrap_or_else(|| repo_data("tasks.jsonl")))?;
+    let tasks = read_tasks(&or_carried(&args.tasks, "tasks.jsonl")?)?;
     let mut items = eval::items(Set::Harmful, &harmful, args.limit);
     items.extend(eval::items(Set::Harmless, &harmless, args.limit));
     items.extend(task_items(tasks, args.limit));
@@ -176,7 +176,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
     }
     if let Some(out) = &args.out {
         let table = serde_json::json!({"plain": plain, "points": points, "chosen": chosen, "limit": args.limit});
-        std::fs::write(out, serde_json::to_string_pretty(&table)?).with_context(|| format!("cannot write {}", out.display()))?;
+        inferalign::output::write_bytes(out, serde_json::to_string_pretty(&table)?.as_bytes())?;
     }
     let Some(chosen) = chosen else {
         anyhow::bail!("no point kept harmless refusals, degeneration and task accuracy at the plain model's level; try smaller --alphas");
