@@ -4,15 +4,14 @@
 //! return code and a message from `inferalign_guard_last_error`, never an abort.
 
 use std::ffi::{c_char, c_float, c_int, CStr, CString};
-use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::gate::Gate;
-use crate::llama::{foreign_model_arch, foreign_model_dims, BatchLayout, ForeignBatch, ForeignHook};
-use crate::steer::{parse_layers, Mode, SteerHook, Steering};
 use crate::capture::BatchAware;
-use crate::vectors::{Strength, VectorFile};
+use crate::guard::{GuardConfig, ModelShape};
+use crate::llama::{foreign_model_arch, foreign_model_dims, BatchLayout, ForeignBatch, ForeignHook};
+use crate::steer::{parse_layers, Mode, SteerHook};
+use crate::vectors::Strength;
 
 /// Most sequences one guard tracks: llama.cpp's own `LLAMA_MAX_SEQ`.
 const MAX_SEQ: usize = 256;
@@ -83,38 +82,22 @@ unsafe fn new_guard(
         .filter(|n| (1..=MAX_SEQ).contains(n))
         .with_context(|| format!("n_seq is {n_seq}; use 1..={MAX_SEQ}"))?;
     let (n_embd, n_layer) = foreign_model_dims(model);
-    let gate_path = opt_str(gate_path)?.context("gate_path is NULL")?;
-    let gate_file = VectorFile::read(Path::new(gate_path))?;
-    let arch = foreign_model_arch(model);
-    let fits = |f: &VectorFile| f.check_dims(n_embd, n_layer).and_then(|()| f.check_arch(&arch));
-    fits(&gate_file).with_context(|| format!("{gate_path} does not fit the model"))?;
-    let steer_file = match opt_str(steer_path)? {
-        Some(p) => {
-            let f = VectorFile::read(Path::new(p))?;
-            fits(&f).with_context(|| format!("{p} does not fit the model"))?;
-            f
-        }
-        None => gate_file.clone(),
-    };
-    let defaults = steer_file.defaults.clone().or_else(|| gate_file.defaults.clone());
-    let strength = if alpha.is_nan() {
-        defaults.as_ref().map(|d| d.strength).context("no alpha given and no steering defaults in the vector file")?
-    } else {
-        Strength::Alpha(alpha)
-    };
-    let layers = match opt_str(layers)? {
-        Some(spec) => parse_layers(spec)?,
-        None => defaults.map(|d| d.layers).context("no layers given and none in the vector file")?,
-    };
+    let shape = ModelShape { n_embd, n_layer, arch: foreign_model_arch(model), path: None };
     let mode = match mode {
         0 => Mode::Plain,
         1 => Mode::Gated,
         2 => Mode::Always,
         m => bail!("unknown mode {m} (0 plain, 1 gated, 2 always)"),
     };
-    let gate = Gate::from_file(&gate_file, None, None)?;
-    let steering = Steering::new(&steer_file, strength, &layers, n_layer)?;
-    let hook = SteerHook::new(mode, Some(gate), steering, n_seq)?;
+    let config = GuardConfig {
+        gate: Some(opt_str(gate_path)?.context("gate_path is NULL")?.into()),
+        steer: opt_str(steer_path)?.map(Into::into),
+        strength: (!alpha.is_nan()).then_some(Strength::Alpha(alpha)),
+        layers: opt_str(layers)?.map(parse_layers).transpose()?,
+        mode,
+        ..GuardConfig::default()
+    };
+    let hook = config.resolve(&shape)?.hook(n_seq)?;
     Ok(Box::new(InferalignGuard {
         hook: ForeignHook::new(hook),
         n_batch: None,

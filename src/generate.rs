@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::capture::BatchAware;
 use crate::llama::{Batch, BatchLayout, Context, Model};
-use crate::steer::{GateDecision, Mode, SteerHook};
+use crate::steer::{GateDecision, Mode, Shifter, SteerHook};
 
 #[derive(Clone, Debug)]
 pub struct Sampling {
@@ -252,9 +252,9 @@ impl<'c, 'm> Engine<'c, 'm> {
         ctx.hook_mut().begin_request(seq)?;
         let single_pass = ctx.hook().single_pass(prompt.len(), batch.capacity());
         let tail = ctx.hook().gate().map_or(1, |g| g.offset + 1);
-        ctx.hook_mut().set_shift_enabled(single_pass);
+        ctx.hook_mut().set_shifter(if single_pass { Shifter::Hook } else { Shifter::GateOnly });
         let first = prefill(ctx, batch, prompt, seq as i32, tail);
-        ctx.hook_mut().set_shift_enabled(true);
+        ctx.hook_mut().set_shifter(Shifter::Hook);
         first?;
         let mut passes = 1;
         if !single_pass && ctx.hook().is_steered(seq) {
@@ -337,7 +337,7 @@ impl<'c, 'm> Engine<'c, 'm> {
         } else {
             self.ctx.set_control_vector(None)?;
         }
-        self.ctx.hook_mut().set_shift_enabled(!on);
+        self.ctx.hook_mut().set_shifter(if on { Shifter::ControlVector } else { Shifter::Hook });
         Ok(())
     }
 

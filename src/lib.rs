@@ -23,6 +23,7 @@ pub mod eval;
 pub mod extract;
 pub mod gate;
 pub mod generate;
+pub mod guard;
 pub mod judge;
 pub mod llama;
 pub mod output;

@@ -724,3 +724,41 @@ impl Drop for ServerProcess {
         let _ = self.child.wait();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(stop: &[&str]) -> (Live, mpsc::UnboundedReceiver<Reply>) {
+        let (replies, rx) = mpsc::unbounded_channel();
+        let stop = stop.iter().map(|s| s.to_string()).collect();
+        (Live { replies, stop, text: String::new(), sent: 0, stopped: false, prompt_tokens: 0 }, rx)
+    }
+
+    fn sent(rx: &mut mpsc::UnboundedReceiver<Reply>) -> String {
+        let mut text = String::new();
+        while let Ok(reply) = rx.try_recv() {
+            if let Reply::Text(t) = reply {
+                text.push_str(&t);
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn stop_strings_split_across_tokens_are_held_back_and_cut() {
+        let (mut l, mut rx) = live(&["END", "\n\n"]);
+        l.push("Hello E");
+        assert_eq!(sent(&mut rx), "Hello ", "a possible stop start is held back");
+        l.push("N");
+        assert_eq!(sent(&mut rx), "");
+        l.push("Dless");
+        assert_eq!(sent(&mut rx), "");
+        assert!(l.stopped, "the stop string ends the answer and is not sent");
+        let (mut l, mut rx) = live(&["END"]);
+        l.push("Ein");
+        l.push("stein é");
+        l.finish("length", 3);
+        assert_eq!(sent(&mut rx), "Einstein é", "held-back text that was no stop string is sent at the end");
+    }
+}

@@ -6,7 +6,6 @@ use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::extract::sha256_file;
-use crate::llama::Model;
 
 /// `$INFERALIGN_VECTORS`, else the `gguf-vectors/` this binary carries.
 pub fn shipped_dir() -> Result<PathBuf> {
@@ -42,14 +41,14 @@ impl Manifest {
     }
 }
 
-/// The shipped gate/steering file for `model`, or an error that says what to do.
-pub fn vectors_for(model: &Model) -> Result<PathBuf> {
+/// The shipped gate/steering file for the model file `model`, or an error that says what to do.
+pub fn vectors_for(model: &Path) -> Result<PathBuf> {
     let dir = shipped_dir()?;
     let manifest = Manifest::read(&dir)?;
-    let size = std::fs::metadata(&model.path)?.len();
+    let size = std::fs::metadata(model)?.len();
     let candidates: Vec<&Entry> = manifest.vectors.iter().filter(|e| e.model_file_size == size).collect();
     if !candidates.is_empty() {
-        let (sha, _) = sha256_file(&model.path)?;
+        let (sha, _) = sha256_file(model)?;
         if let Some(entry) = candidates.iter().find(|e| e.model_sha256 == sha) {
             return Ok(dir.join(&entry.file));
         }
@@ -57,7 +56,7 @@ pub fn vectors_for(model: &Model) -> Result<PathBuf> {
     let known: Vec<&str> = manifest.vectors.iter().map(|e| e.model_name.as_str()).collect();
     bail!(
         "no --gate given and no shipped vectors match {} (shipped: {}); make some with `inferalign extract`",
-        model.path.display(),
+        model.display(),
         known.join(", ")
     )
 }

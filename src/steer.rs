@@ -147,6 +147,18 @@ pub fn alpha_at(file: &VectorFile, strength: Strength, layer: usize) -> Result<f
     }
 }
 
+/// Who adds the shift to the rows of steered requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shifter {
+    /// The hook, row by row, inside the graph.
+    Hook,
+    /// Nobody: the gate-only first pass over a prompt whose gate layer comes
+    /// after a steered layer (a flagged prompt is then decoded again, shifted).
+    GateOnly,
+    /// llama.cpp's own control vector, when every row of the batch is steered.
+    ControlVector,
+}
+
 /// What the gate said about one request.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GateDecision {
@@ -167,8 +179,7 @@ pub struct SteerHook {
     mode: Mode,
     gate: Option<Gate>,
     steering: Steering,
-    /// Off during a gate-only first pass over a prompt.
-    shift_enabled: bool,
+    shifter: Shifter,
     requests: Vec<Request>,
     n_tokens: usize,
     /// Sequence of each token row, and of each output row, in the current batch.
@@ -189,7 +200,7 @@ impl SteerHook {
             mode,
             gate,
             steering,
-            shift_enabled: true,
+            shifter: Shifter::Hook,
             requests: vec![Request::default(); n_seq],
             n_tokens: 0,
             row_seq: Vec::new(),
@@ -273,8 +284,8 @@ impl SteerHook {
         self.steering = steering;
     }
 
-    pub fn set_shift_enabled(&mut self, enabled: bool) {
-        self.shift_enabled = enabled;
+    pub fn set_shifter(&mut self, shifter: Shifter) {
+        self.shifter = shifter;
     }
 
     fn steers_any_row(&self) -> bool {
@@ -345,7 +356,7 @@ impl LayerHook for SteerHook {
     // of this same graph is already visible here.
     fn wants(&mut self, layer: usize) -> bool {
         let gate_here = !self.gate_rows.is_empty() && self.gate.as_ref().is_some_and(|g| g.layer == layer);
-        let shift_here = self.shift_enabled && self.steering.shift(layer).is_some() && self.steers_any_row();
+        let shift_here = self.shifter == Shifter::Hook && self.steering.shift(layer).is_some() && self.steers_any_row();
         gate_here || shift_here
     }
 
@@ -353,7 +364,7 @@ impl LayerHook for SteerHook {
         if !self.gate_rows.is_empty() && self.gate.as_ref().is_some_and(|g| g.layer == layer) {
             self.run_gate(layer, out)?;
         }
-        match (self.shift_enabled, self.steering.shift(layer)) {
+        match (self.shifter == Shifter::Hook, self.steering.shift(layer)) {
             (true, Some(shift)) => self.apply_shift(shift, out),
             _ => Ok(()),
         }
@@ -401,6 +412,58 @@ impl BatchAware for SteerHook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    /// A batch described by (sequence, output) per token.
+    struct Rows(Vec<(i32, bool)>);
+
+    impl BatchLayout for Rows {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn seq(&self, i: usize) -> i32 {
+            self.0[i].0
+        }
+        fn is_output(&self, i: usize) -> bool {
+            self.0[i].1
+        }
+    }
+
+    fn hook(offset: usize, n_seq: usize) -> SteerHook {
+        let directions: BTreeMap<usize, Vec<f32>> = (1..4).map(|l| (l, vec![1.0, 0.0])).collect();
+        let file = VectorFile { model_hint: String::new(), layer_count: 3, n_embd: 2, directions, calibration: None, defaults: None };
+        let steering = Steering::new(&file, Strength::Alpha(1.0), &[2, 3], 4).unwrap();
+        let gate = Gate { layer: 1, offset, direction: vec![1.0, 0.0], bias: 0.0 };
+        SteerHook::new(Mode::Gated, Some(gate), steering, n_seq).unwrap()
+    }
+
+    #[test]
+    fn each_request_is_gated_on_its_own_row_of_a_shared_batch() {
+        let mut h = hook(1, 3);
+        h.begin_request(0).unwrap();
+        h.begin_request(2).unwrap();
+        // Sequence 0: three prompt tokens; sequence 1: a decoding step; sequence 2: two prompt tokens.
+        let batch = Rows(vec![(0, false), (0, false), (0, true), (1, true), (2, false), (2, true)]);
+        h.plan(&batch, &[]).unwrap();
+        assert_eq!(h.row_seq, vec![0, 0, 0, 1, 2, 2]);
+        assert_eq!(h.output_seq, vec![0, 1, 2]);
+        // One token before each last prompt token; sequence 1 is not awaiting a gate.
+        assert_eq!(h.gate_rows, vec![(Some(1), None, 0), (Some(4), None, 2)]);
+        // A gated token that is not in this batch is planned as missing (decided harmful).
+        h.begin_request(1).unwrap();
+        h.plan(&Rows(vec![(1, true)]), &[]).unwrap();
+        assert_eq!(h.gate_rows, vec![(None, None, 1)]);
+    }
+
+    #[test]
+    fn sequence_ids_outside_the_guard_are_errors() {
+        let mut h = hook(0, 2);
+        assert!(h.begin_request(2).is_err());
+        assert!(h.plan(&Rows(vec![(0, true), (7, true)]), &[]).unwrap_err().to_string().contains("sequence 7"));
+        assert!(h.plan(&Rows(vec![(-1, true)]), &[]).is_err());
+        assert!(h.undecided(0) && !h.is_steered(0), "a gated request with no decision is never served as harmless");
+        assert_eq!(h.needed_layers(), vec![1, 2, 3]);
+    }
 
     #[test]
     fn layer_lists_print_as_they_parse() {

@@ -10,6 +10,7 @@ use ndarray::s;
 use inferalign::capture::{decode_prompts, CaptureHook};
 use inferalign::gate::Gate;
 use inferalign::generate::{self, Event, Generation, Sampling};
+use inferalign::guard::{GuardConfig, ModelShape};
 use inferalign::llama::{Context, ContextParams, Model};
 use inferalign::prompts::{prepare, read_prompts, Template};
 use inferalign::steer::{Mode, SteerHook, Steering};
@@ -17,6 +18,7 @@ use inferalign::vectors::{Strength, VectorFile};
 
 struct Setup {
     model: Model,
+    gate_path: std::path::PathBuf,
     vectors: VectorFile,
     template: Template,
 }
@@ -27,15 +29,22 @@ fn setup(name: &str) -> Setup {
     let vectors = VectorFile::read(&gate_path).unwrap();
     let template_name = (name == common::GEMMA).then_some("gemma");
     let template = Template::resolve(&model, template_name, None).unwrap();
-    Setup { model, vectors, template }
+    Setup { model, gate_path, vectors, template }
 }
 
 impl Setup {
     fn hook(&self, mode: Mode, bias: Option<f32>, alpha: f32, layers: &[usize]) -> SteerHook {
         // Layer 2 gates before every steered layer these tests use, so one pass gates and shifts.
-        let gate = Gate::from_file(&self.vectors, Some(2), bias).unwrap();
-        let steering = Steering::new(&self.vectors, Strength::Alpha(alpha), layers, self.model.n_layer()).unwrap();
-        SteerHook::new(mode, Some(gate), steering, 64).unwrap()
+        let config = GuardConfig {
+            gate: Some(self.gate_path.clone()),
+            gate_layer: Some(2),
+            bias,
+            strength: Some(Strength::Alpha(alpha)),
+            layers: Some(layers.to_vec()),
+            mode,
+            ..GuardConfig::default()
+        };
+        config.resolve(&ModelShape::of(&self.model)).unwrap().hook(64).unwrap()
     }
 
     fn tokens(&self, prompts: &[String]) -> Vec<Vec<i32>> {

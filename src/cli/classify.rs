@@ -38,7 +38,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
     let model = args.model.load()?;
     let gate_path = match &args.gate {
         Some(path) => path.clone(),
-        None => inferalign::shipped::vectors_for(&model)?,
+        None => inferalign::shipped::vectors_for(&model.path)?,
     };
     let vectors = VectorFile::read(&gate_path)?;
     let gate = Gate::from_file(&vectors, args.layer, args.bias)?;

@@ -62,7 +62,7 @@ pub fn run(args: DriftArgs) -> Result<()> {
     check_compatible(&aligned, &target)?;
     let vectors_path = match &args.vectors {
         Some(path) => path.clone(),
-        None => inferalign::shipped::vectors_for(&aligned).context("pass the aligned model's vector file with --vectors")?,
+        None => inferalign::shipped::vectors_for(&aligned.path).context("pass the aligned model's vector file with --vectors")?,
     };
     let vectors = VectorFile::read(&vectors_path)?;
     vectors.check_fits(&aligned, &vectors_path)?;

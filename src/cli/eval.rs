@@ -12,13 +12,14 @@ use serde_json::json;
 use inferalign::eval::{self, held_out, jailbreak_items, read_jailbreaks, read_tasks, summarise, task_items, Outcome, Set};
 use inferalign::extract::model_identity;
 use inferalign::generate::{self, Event};
+use inferalign::guard::Guard;
 use inferalign::llama::{Context, Model};
 use inferalign::plot;
 use inferalign::prompts::prepare;
 use inferalign::steer::{Mode, SteerHook, Steering};
 
 use super::generate::SamplingArgs;
-use super::steer_args::{Resolved, SteerArgs};
+use super::steer_args::SteerArgs;
 use super::{progress, ModelArgs};
 
 #[derive(Args)]
@@ -80,7 +81,7 @@ impl EvalMode {
         MODE_NAMES[self as usize]
     }
 
-    fn hook(self, resolved: &Resolved, model: &Model, n_seq: usize) -> Result<SteerHook> {
+    fn hook(self, resolved: &Guard, model: &Model, n_seq: usize) -> Result<SteerHook> {
         match self {
             EvalMode::Plain => resolved.hook_for(Mode::Plain, n_seq),
             EvalMode::Always => resolved.hook_for(Mode::Always, n_seq),
@@ -264,7 +265,7 @@ fn family_markdown(families: &Figures) -> String {
     md
 }
 
-fn report_markdown(figures: &Figures, speeds: &serde_json::Value, resolved: &Resolved) -> String {
+fn report_markdown(figures: &Figures, speeds: &serde_json::Value, resolved: &Guard) -> String {
     let mut md = String::new();
     md.push_str(&format!("# inferalign eval\n\n{}\n\n", resolved.describe()));
     md.push_str("| mode | harmful ASR | jailbreak ASR | harmless refusal | degenerate | task accuracy | gate TPR | gate FPR | prompt tok/s | gen tok/s |\n");
@@ -292,7 +293,7 @@ fn report_markdown(figures: &Figures, speeds: &serde_json::Value, resolved: &Res
     md
 }
 
-fn plots(out: &Path, figures: &Figures, outcomes: &[Outcome], resolved: &Resolved) -> Result<()> {
+fn plots(out: &Path, figures: &Figures, outcomes: &[Outcome], resolved: &Guard) -> Result<()> {
     if let Some(cal) = &resolved.gate_file.calibration {
         let series = |f: fn(&inferalign::vectors::LayerStats) -> f32| cal.layers.iter().map(|s| (s.layer as f64, f(s) as f64)).collect();
         plot::lines(

@@ -17,7 +17,7 @@ use inferalign::trainset::Recipe;
 use inferalign::vectors::{DataIdentity, SteerDefaults, VectorFile};
 use inferalign::wrappers::Wrappers;
 
-use super::steer_args::describe_strength;
+use inferalign::guard::describe_strength;
 use super::{inspect::print_layer_table, progress, ModelArgs};
 
 #[derive(Args)]

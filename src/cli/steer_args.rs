@@ -3,14 +3,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
 
-use inferalign::gate::Gate;
+use inferalign::guard::{Guard, GuardConfig, ModelShape};
 use inferalign::llama::Model;
 use inferalign::prompts::Template;
-use inferalign::steer::{format_layers, parse_layers, Mode, SteerHook, Steering};
-use inferalign::vectors::{Strength, VectorFile};
+use inferalign::steer::{parse_layers, Mode};
+use inferalign::vectors::Strength;
 
 use super::ModelArgs;
 
@@ -62,92 +62,23 @@ pub struct SteerArgs {
     pub any_model: bool,
 }
 
-/// The resolved vectors for a target model.
-pub struct Resolved {
-    pub gate_file: VectorFile,
-    pub gate_path: PathBuf,
-    pub steer_path: PathBuf,
-    pub gate: Gate,
-    pub steering: Steering,
-    pub mode: Mode,
-}
-
 impl SteerArgs {
-    fn check_fits(&self, file: &VectorFile, model: &Model, path: &std::path::Path) -> Result<()> {
-        match self.any_model {
-            true => file.check_dims(model.n_embd(), model.n_layer()).with_context(|| format!("vector file {} does not fit this model", path.display())),
-            false => file.check_fits(model, path),
-        }
+    /// These options as the library's guard configuration, in `mode`.
+    pub fn config(&self, mode: Mode) -> Result<GuardConfig> {
+        Ok(GuardConfig {
+            gate: self.gate.clone(),
+            steer: self.steer.clone(),
+            strength: self.alpha.map(Strength::Alpha).or(self.strength.map(Strength::Relative)),
+            layers: self.layers.as_deref().map(parse_layers).transpose()?,
+            gate_layer: self.gate_layer,
+            bias: self.bias,
+            mode,
+            any_model: self.any_model,
+        })
     }
 
-    pub fn resolve(&self, model: &Model, mode: Mode) -> Result<Resolved> {
-        let gate_path = match &self.gate {
-            Some(path) => path.clone(),
-            None => inferalign::shipped::vectors_for(model)?,
-        };
-        let gate_file = VectorFile::read(&gate_path)?;
-        self.check_fits(&gate_file, model, &gate_path)?;
-        let gate = Gate::from_file(&gate_file, self.gate_layer, self.bias)?;
-        let (steer_file, steer_path) = match &self.steer {
-            Some(path) => {
-                let file = VectorFile::read(path)?;
-                self.check_fits(&file, model, path)?;
-                (file, path.clone())
-            }
-            None => (gate_file.clone(), gate_path.clone()),
-        };
-        let recorded = steer_file.defaults.clone().or_else(|| gate_file.defaults.clone());
-        let given = self.alpha.map(Strength::Alpha).or(self.strength.map(Strength::Relative));
-        let no_defaults = || {
-            format!(
-                "{} holds no steering defaults, and a guessed strength could break answers: pass --strength (or --alpha) and --layers, or re-run `inferalign extract`, which chooses them with a generation check",
-                steer_path.display()
-            )
-        };
-        let strength = match given.or(recorded.as_ref().map(|d| d.strength)) {
-            Some(s) => s,
-            None if mode == Mode::Plain => Strength::Alpha(0.0),
-            None => bail!(no_defaults()),
-        };
-        let layers = match (&self.layers, recorded) {
-            (Some(spec), _) => parse_layers(spec)?,
-            (None, Some(d)) => d.layers,
-            (None, None) if mode == Mode::Plain => vec![1],
-            (None, None) => bail!(no_defaults()),
-        };
-        let steering = Steering::new(&steer_file, strength, &layers, model.n_layer())
-            .with_context(|| format!("cannot steer with {}", steer_path.display()))?;
-        Ok(Resolved { gate_file, gate_path, steer_path, gate, steering, mode })
-    }
-}
-
-impl Resolved {
-    pub fn hook(&self, n_seq: usize) -> Result<SteerHook> {
-        self.hook_for(self.mode, n_seq)
-    }
-
-    pub fn hook_for(&self, mode: Mode, n_seq: usize) -> Result<SteerHook> {
-        SteerHook::new(mode, Some(self.gate.clone()), self.steering.clone(), n_seq)
-    }
-
-    /// The template the gate was calibrated with, if recorded.
-    pub fn recorded_template(&self) -> Option<&str> {
-        self.gate_file.calibration.as_ref().map(|c| c.data.template.as_str())
-    }
-
-    pub fn describe(&self) -> String {
-        let layers = &self.steering.layers;
-        format!(
-            "mode {:?}, gate layer {} (token {} before the last) bias {:.3} ({}), steer {} on layers {} ({})",
-            self.mode,
-            self.gate.layer,
-            self.gate.offset,
-            self.gate.bias,
-            self.gate_path.display(),
-            describe_strength(self.steering.strength),
-            format_layers(layers),
-            self.steer_path.display()
-        )
+    pub fn resolve(&self, model: &Model, mode: Mode) -> Result<Guard> {
+        self.config(mode)?.resolve(&ModelShape::of(model))
     }
 }
 
@@ -165,7 +96,7 @@ pub struct GuardArgs {
 
 impl GuardArgs {
     /// Loads the model and resolves its vectors and chat template, saying which.
-    pub fn open(&self) -> Result<(Model, Resolved, Template)> {
+    pub fn open(&self) -> Result<(Model, Guard, Template)> {
         let model = self.model.load()?;
         let resolved = self.steer.resolve(&model, self.mode.into())?;
         eprintln!("{}", resolved.describe());
@@ -173,11 +104,3 @@ impl GuardArgs {
         Ok((model, resolved, template))
     }
 }
-
-pub fn describe_strength(strength: Strength) -> String {
-    match strength {
-        Strength::Alpha(a) => format!("alpha {a}"),
-        Strength::Relative(s) => format!("strength {s} x mean |a_l|"),
-    }
-}
-

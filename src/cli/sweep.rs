@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use inferalign::eval::{self, figures, held_out, read_tasks, task_items, Item, Outcome, Set, SetFigures};
 use inferalign::generate::{self, Event};
+use inferalign::guard::Guard;
 use inferalign::llama::{Context, Model};
 use inferalign::prompts::{prepare, Template};
 use inferalign::steer::{parse_layers, Mode, SteerHook, Steering};
@@ -17,7 +18,7 @@ use inferalign::vectors::{SteerDefaults, Strength, VectorFile};
 
 use super::eval::or_carried;
 use super::generate::SamplingArgs;
-use super::steer_args::{Resolved, SteerArgs};
+use super::steer_args::SteerArgs;
 use super::{progress, ModelArgs};
 
 #[derive(Args)]
@@ -109,7 +110,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
     let model = args.model.load()?;
     // Sweep chooses strengths itself: resolve as plain so a file without
     // defaults (what it is there to fill) is accepted.
-    let resolved: Resolved = args.steer.resolve(&model, Mode::Plain)?;
+    let resolved: Guard = args.steer.resolve(&model, Mode::Plain)?;
     let template: Template = args.model.template(&model, resolved.recorded_template())?;
     let cal = resolved.gate_file.calibration.as_ref();
     let harmful_path = args.harmful.clone().unwrap_or_else(|| inferalign::cache::data_file("advbench.jsonl"));
