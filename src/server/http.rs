@@ -1,19 +1,11 @@
-//! An OpenAI-compatible HTTP server. One engine thread owns the llama.cpp
-//! context and decodes every live request together (continuous batching); the
-//! steering hook gates each request on its own. The HTTP side (axum on tokio)
-//! only parses, queues and streams.
+//! The HTTP side: OpenAI-style routes that parse, queue and stream, and the
+//! connection loop with its abuse bounds.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::ffi::OsStr;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context as _, Result};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
@@ -29,196 +21,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
-use crate::generate::{Engine, Event, Sampling};
-use crate::llama::{Context, Model};
-use crate::prompts::{tokenize, Template};
-use crate::steer::{GateDecision, SteerHook};
-
-/// What a request asks the engine to do.
-pub struct Job {
-    input: Input,
-    sampling: Sampling,
-    stop: Vec<String>,
-    replies: mpsc::UnboundedSender<Reply>,
-}
-
-enum Input {
-    Chat(Vec<(String, String)>),
-    Text(String),
-}
-
-/// What the engine tells a request's handler, in this order: `Started`, any
-/// number of `Text`, `Done`; or only `Rejected`.
-#[derive(Debug)]
-enum Reply {
-    Started { gate: Option<GateDecision>, steered: bool, prompt_tokens: usize },
-    Text(String),
-    Done { finish_reason: &'static str, completion_tokens: usize },
-    Rejected(ApiError),
-}
-
-/// A request in the engine: its replies and the text held back while it
-/// could still be the start of a stop string.
-struct Live {
-    replies: mpsc::UnboundedSender<Reply>,
-    stop: Vec<String>,
-    text: String,
-    sent: usize,
-    stopped: bool,
-    prompt_tokens: usize,
-}
-
-impl Live {
-    /// Takes new text; sends what can no longer become part of a stop string.
-    fn push(&mut self, text: &str) {
-        if self.stopped {
-            return;
-        }
-        self.text.push_str(text);
-        // Text before `sent` held no stop string, nor the start of one.
-        let unsent = &self.text[self.sent..];
-        let end = match self.stop.iter().filter_map(|s| unsent.find(s.as_str())).min() {
-            Some(at) => {
-                self.stopped = true;
-                self.sent + at
-            }
-            None => self.text.len() - self.held_back(),
-        };
-        if end > self.sent {
-            let _ = self.replies.send(Reply::Text(self.text[self.sent..end].to_string()));
-            self.sent = end;
-        }
-    }
-
-    /// Length of the longest unsent tail of the text that begins some stop string.
-    fn held_back(&self) -> usize {
-        (self.sent..self.text.len())
-            .filter(|&i| self.text.is_char_boundary(i))
-            .find(|&i| self.stop.iter().any(|s| s.starts_with(&self.text[i..])))
-            .map_or(0, |i| self.text.len() - i)
-    }
-
-    fn finish(mut self, finish_reason: &'static str, completion_tokens: usize) {
-        if !self.stopped && self.sent < self.text.len() {
-            let rest = self.text.split_off(self.sent);
-            let _ = self.replies.send(Reply::Text(rest));
-        }
-        let _ = self.replies.send(Reply::Done { finish_reason, completion_tokens });
-    }
-}
-
-/// llama.cpp's CPU matmuls round differently once a decode call has 8 rows
-/// (measured: with 7, 16 greedy answers matched those served alone; with 8,
-/// one or two changed). Decoding at most 4 requests per call keeps every
-/// answer what it would be alone.
-pub const BATCH_INVARIANT_ROWS: usize = 4;
-
-/// Runs one short request before serving: proves that this model's graph shows
-/// the guard its gate layer and every steered layer, or says why not.
-pub fn warm_up<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'m, SteerHook>) -> Result<()> {
-    let tokens = prompt_tokens(model, template, &Input::Chat(vec![("user".into(), "Hello".into())]))?;
-    let sampling = Sampling { max_tokens: 1, temperature: 0.0, ..Sampling::default() };
-    Engine::new(model, ctx, 1).run(&[tokens], &sampling, |_| {}).context("the warm-up request failed, so the guard cannot be trusted on this model")?;
-    Ok(())
-}
-
-/// Serves jobs until every sender is gone and the last request is done.
-pub fn run_engine<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'m, SteerHook>, parallel: usize, jobs: std_mpsc::Receiver<Job>) -> Result<()> {
-    let mut engine = Engine::new(model, ctx, parallel);
-    engine.limit_rows(BATCH_INVARIANT_ROWS);
-    let mut live: HashMap<usize, Live> = HashMap::new();
-    let mut next_id = 0;
-    loop {
-        while engine.has_free_slot() {
-            let job = if engine.is_idle() {
-                match jobs.recv() {
-                    Ok(job) => job,
-                    Err(_) => return Ok(()),
-                }
-            } else {
-                match jobs.try_recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                }
-            };
-            if job.replies.is_closed() {
-                continue;
-            }
-            let tokens = match prompt_tokens(model, template, &job.input) {
-                Ok(tokens) => tokens,
-                Err(e) => {
-                    let _ = job.replies.send(Reply::Rejected(ApiError::bad_request(format!("{e:#}")).with_code("invalid_prompt")));
-                    continue;
-                }
-            };
-            if let Err(e) = engine.check_fits(tokens.len()) {
-                let _ = job.replies.send(Reply::Rejected(ApiError::bad_request(format!("{e:#}")).with_code("context_length_exceeded")));
-                continue;
-            }
-            let id = next_id;
-            next_id += 1;
-            live.insert(id, Live { replies: job.replies, stop: job.stop, text: String::new(), sent: 0, stopped: false, prompt_tokens: tokens.len() });
-            if let Err(e) = engine.admit(id, &tokens, &job.sampling, &mut |event| on_event(&mut live, event)) {
-                // A request the guard could not gate is answered with an error, never unguarded.
-                engine.finish(id);
-                if let Some(l) = live.remove(&id) {
-                    let _ = l.replies.send(Reply::Rejected(ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")).with_code("guard_failed")));
-                }
-            }
-        }
-        if engine.is_idle() {
-            continue;
-        }
-        engine.step(&mut |event| on_event(&mut live, event))?;
-        // Requests that hit a stop string, or whose client went away, end now.
-        let ended: Vec<usize> = live.iter().filter(|(_, l)| l.stopped || l.replies.is_closed()).map(|(&id, _)| id).collect();
-        for id in ended {
-            let generation = engine.finish(id);
-            if let (Some(l), Some(g)) = (live.remove(&id), generation) {
-                l.finish("stop", g.tokens.len());
-            }
-        }
-    }
-}
-
-fn on_event(live: &mut HashMap<usize, Live>, event: Event) {
-    match event {
-        Event::Started { request, gate, steered } => {
-            if let Some(l) = live.get(&request) {
-                let _ = l.replies.send(Reply::Started { gate, steered, prompt_tokens: l.prompt_tokens });
-            }
-        }
-        Event::Text { request, text } => {
-            if let Some(l) = live.get_mut(&request) {
-                l.push(text);
-            }
-        }
-        Event::Done { request, generation } => {
-            if let Some(l) = live.remove(&request) {
-                l.finish(if generation.truncated { "length" } else { "stop" }, generation.tokens.len());
-            }
-        }
-    }
-}
-
-fn prompt_tokens(model: &Model, template: &Template, input: &Input) -> Result<Vec<i32>> {
-    match input {
-        Input::Text(text) => tokenize(model, text),
-        Input::Chat(messages) => {
-            let turns: Vec<(&str, &str)> = messages.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
-            // The request's own system message replaces --system-prompt.
-            let own_system = messages.iter().any(|(role, _)| role == "system");
-            let text = if own_system {
-                let mut without_default = template.clone();
-                without_default.system_prompt = None;
-                without_default.apply_chat(model, &turns)?
-            } else {
-                template.apply_chat(model, &turns)?
-            };
-            tokenize(model, &text)
-        }
-    }
-}
+use super::{Input, Job, Reply};
+use crate::generate::Sampling;
 
 /// An OpenAI-style error: status code and `{"error": {...}}` body.
 #[derive(Debug)]
@@ -236,15 +40,15 @@ impl ApiError {
     }
 
     /// The server's fault.
-    fn server(status: StatusCode, message: &str) -> ApiError {
+    pub(super) fn server(status: StatusCode, message: &str) -> ApiError {
         ApiError { status, message: message.into(), kind: "server_error", code: None }
     }
 
-    fn bad_request(message: impl Into<String>) -> ApiError {
+    pub(super) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::invalid(StatusCode::BAD_REQUEST, message)
     }
 
-    fn with_code(mut self, code: &'static str) -> ApiError {
+    pub(super) fn with_code(mut self, code: &'static str) -> ApiError {
         self.code = Some(code);
         self
     }
@@ -619,7 +423,6 @@ fn unix_time() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Resolves on SIGINT or SIGTERM.
 /// What one client can hold of the server.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -663,6 +466,7 @@ pub async fn serve_http(listener: tokio::net::TcpListener, app: Router, limits: 
     graceful.shutdown().await;
 }
 
+/// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -681,84 +485,5 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
-    }
-}
-
-/// An `inferalign serve` process on a free loopback port, killed when
-/// dropped: what load tests and integration tests talk to.
-pub struct ServerProcess {
-    pub child: Child,
-    pub url: String,
-}
-
-impl ServerProcess {
-    /// Runs `exe serve --port 0 ARGS` and waits for its "serving ... on http://ADDR" line.
-    pub fn start<S: AsRef<OsStr>>(exe: &Path, args: impl IntoIterator<Item = S>) -> Result<ServerProcess> {
-        let mut child = Command::new(exe)
-            .args(["serve", "--port", "0"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start {} serve", exe.display()))?;
-        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-        let mut log = Vec::new();
-        for line in lines.by_ref() {
-            let line = line?;
-            if let Some((_, rest)) = line.split_once(" on http://") {
-                let url = format!("http://{}", rest.split_whitespace().next().unwrap_or_default());
-                // Keep draining stderr so the server never blocks on a full pipe.
-                std::thread::spawn(move || lines.for_each(drop));
-                return Ok(ServerProcess { child, url });
-            }
-            log.push(line);
-        }
-        let _ = child.wait();
-        bail!("inferalign serve did not start:\n{}", log.join("\n"))
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn live(stop: &[&str]) -> (Live, mpsc::UnboundedReceiver<Reply>) {
-        let (replies, rx) = mpsc::unbounded_channel();
-        let stop = stop.iter().map(|s| s.to_string()).collect();
-        (Live { replies, stop, text: String::new(), sent: 0, stopped: false, prompt_tokens: 0 }, rx)
-    }
-
-    fn sent(rx: &mut mpsc::UnboundedReceiver<Reply>) -> String {
-        let mut text = String::new();
-        while let Ok(reply) = rx.try_recv() {
-            if let Reply::Text(t) = reply {
-                text.push_str(&t);
-            }
-        }
-        text
-    }
-
-    #[test]
-    fn stop_strings_split_across_tokens_are_held_back_and_cut() {
-        let (mut l, mut rx) = live(&["END", "\n\n"]);
-        l.push("Hello E");
-        assert_eq!(sent(&mut rx), "Hello ", "a possible stop start is held back");
-        l.push("N");
-        assert_eq!(sent(&mut rx), "");
-        l.push("Dless");
-        assert_eq!(sent(&mut rx), "");
-        assert!(l.stopped, "the stop string ends the answer and is not sent");
-        let (mut l, mut rx) = live(&["END"]);
-        l.push("Ein");
-        l.push("stein é");
-        l.finish("length", 3);
-        assert_eq!(sent(&mut rx), "Einstein é", "held-back text that was no stop string is sent at the end");
     }
 }

@@ -1,0 +1,43 @@
+//! An OpenAI-compatible HTTP server. One engine thread owns the llama.cpp
+//! context and decodes every live request together (continuous batching); the
+//! steering hook gates each request on its own. The HTTP side (axum on tokio)
+//! only parses, queues and streams.
+//!
+//! `engine` owns the context and the request loop, `http` the routes and the
+//! connections, `process` a server child process for tests and benchmarks.
+
+mod engine;
+mod http;
+mod process;
+
+use tokio::sync::mpsc;
+
+use crate::generate::Sampling;
+use crate::steer::GateDecision;
+
+pub use engine::{run_engine, warm_up, BATCH_INVARIANT_ROWS};
+pub use http::{router, serve_http, shutdown_signal, ApiError, Limits, ServeOptions, MAX_MESSAGES};
+pub use process::ServerProcess;
+
+/// What a request asks the engine to do.
+pub struct Job {
+    input: Input,
+    sampling: Sampling,
+    stop: Vec<String>,
+    replies: mpsc::UnboundedSender<Reply>,
+}
+
+enum Input {
+    Chat(Vec<(String, String)>),
+    Text(String),
+}
+
+/// What the engine tells a request's handler, in this order: `Started`, any
+/// number of `Text`, `Done`; or only `Rejected`.
+#[derive(Debug)]
+enum Reply {
+    Started { gate: Option<GateDecision>, steered: bool, prompt_tokens: usize },
+    Text(String),
+    Done { finish_reason: &'static str, completion_tokens: usize },
+    Rejected(ApiError),
+}
