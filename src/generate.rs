@@ -287,6 +287,29 @@ impl<'c, 'm> Engine<'c, 'm> {
         Ok(())
     }
 
+    /// Runs the gate alone on `prompt` in a free sequence, with no shift and no
+    /// answer, and frees the sequence again. Needs a free slot.
+    pub fn moderate(&mut self, prompt: &[i32]) -> Result<GateDecision> {
+        self.check_fits(prompt.len())?;
+        let seq = self.slots.iter().position(Option::is_none).context("no free slot")?;
+        self.use_control_vector(false)?;
+        let (ctx, batch) = (&mut *self.ctx, &mut self.batch);
+        ctx.seq_rm(seq as i32, -1, -1);
+        ctx.hook_mut().begin_gate_only(seq)?;
+        let tail = ctx.hook().gate().map_or(1, |g| g.offset + 1);
+        ctx.hook_mut().set_shifter(Shifter::GateOnly);
+        let decoded = prefill(ctx, batch, prompt, seq as i32, tail);
+        ctx.hook_mut().set_shifter(Shifter::Hook);
+        ctx.seq_rm(seq as i32, -1, -1);
+        decoded?;
+        self.stats.prompt_tokens += prompt.len();
+        let gate_layer = ctx.hook().gate().map(|g| g.layer).context("this guard has no gate")?;
+        if let Some(layer) = ctx.unseen(&[gate_layer]) {
+            bail!("the gate layer's output (l_out-{layer}) never reached the guard: start the server in gated mode");
+        }
+        ctx.hook().decision(seq).context("the gate did not decide on this input")
+    }
+
     /// One decode step for every live request.
     pub fn step(&mut self, on_event: &mut impl FnMut(Event)) -> Result<()> {
         let started = Instant::now();

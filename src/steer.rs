@@ -232,6 +232,13 @@ impl SteerHook {
         Ok(())
     }
 
+    /// `seq` is gated and never shifted, whatever the mode (moderation).
+    pub fn begin_gate_only(&mut self, seq: usize) -> Result<()> {
+        let gated = self.gate.is_some();
+        *self.request_mut(seq)? = Request { awaiting_gate: gated, decision: None };
+        Ok(())
+    }
+
     pub fn decision(&self, seq: usize) -> Option<GateDecision> {
         self.requests.get(seq).and_then(|r| r.decision)
     }

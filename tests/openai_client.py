@@ -38,8 +38,14 @@ def stream(prompt):
     return {"content": content, "finish_reason": finish_reason, "inferalign": inferalign, "chunks": n}
 
 
+def moderate(inputs):
+    response = client.moderations.create(model="any", input=inputs)
+    return [{"flagged": r.flagged, "harmful": r.categories.model_extra["harmful"], "inferalign": r.model_extra["inferalign"]} for r in response.results]
+
+
 print(json.dumps({
     "models": [m.id for m in client.models.list()],
+    "moderations": moderate([harmless, harmful]),
     "plain": {"harmless": chat(harmless), "harmful": chat(harmful)},
     "streamed": {"harmless": stream(harmless), "harmful": stream(harmful)},
 }))

@@ -190,6 +190,17 @@ fn the_openai_python_client_chats_plain_and_streamed() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["models"].as_array().unwrap().len(), 1);
     let (plain, streamed) = (&report["plain"], &report["streamed"]);
+    // The moderation endpoint runs the same gate alone, on a list of inputs.
+    let moderations = report["moderations"].as_array().unwrap();
+    assert_eq!(moderations.len(), 2);
+    for (verdict, kind) in moderations.iter().zip(["harmless", "harmful"]) {
+        let fired = plain[kind]["inferalign"]["steered"].as_bool().unwrap();
+        assert_eq!(verdict["flagged"], fired, "{kind}: {verdict}");
+        assert_eq!(verdict["harmful"], fired);
+        let score = verdict["inferalign"]["score"].as_f64().unwrap();
+        let chat_score = plain[kind]["inferalign"]["gate"]["score"].as_f64().unwrap();
+        assert!((score - chat_score).abs() < 1e-3 * chat_score.abs().max(1.0), "{kind}: moderation {score} vs chat {chat_score}");
+    }
     assert_eq!(plain["harmless"]["inferalign"]["steered"], false);
     assert_eq!(plain["harmless"]["header_steered"], "false");
     assert_eq!(plain["harmful"]["inferalign"]["steered"], true);

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use axum::http::StatusCode;
 use tokio::sync::mpsc;
 
-use super::{ApiError, Input, Job, Reply};
+use super::{ApiError, Input, Job, Reply, Task};
 use crate::generate::{Engine, Event, Sampling};
 use crate::llama::{Context, Model};
 use crate::prompts::{tokenize, Template};
@@ -112,14 +112,22 @@ pub fn run_engine<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'
                 let _ = job.replies.send(Reply::Rejected(ApiError::bad_request(format!("{e:#}")).with_code("context_length_exceeded")));
                 continue;
             }
+            let (sampling, stop) = match job.task {
+                Task::Generate { sampling, stop } => (sampling, stop),
+                Task::Moderate => {
+                    let reply = engine.moderate(&tokens).map(Reply::Moderated);
+                    let _ = job.replies.send(reply.unwrap_or_else(|e| Reply::Rejected(guard_failed(e))));
+                    continue;
+                }
+            };
             let id = next_id;
             next_id += 1;
-            live.insert(id, Live { replies: job.replies, stop: job.stop, text: String::new(), sent: 0, stopped: false, prompt_tokens: tokens.len() });
-            if let Err(e) = engine.admit(id, &tokens, &job.sampling, &mut |event| on_event(&mut live, event)) {
+            live.insert(id, Live { replies: job.replies, stop, text: String::new(), sent: 0, stopped: false, prompt_tokens: tokens.len() });
+            if let Err(e) = engine.admit(id, &tokens, &sampling, &mut |event| on_event(&mut live, event)) {
                 // A request the guard could not gate is answered with an error, never unguarded.
                 engine.finish(id);
                 if let Some(l) = live.remove(&id) {
-                    let _ = l.replies.send(Reply::Rejected(ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")).with_code("guard_failed")));
+                    let _ = l.replies.send(Reply::Rejected(guard_failed(e)));
                 }
             }
         }
@@ -136,6 +144,10 @@ pub fn run_engine<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'
             }
         }
     }
+}
+
+fn guard_failed(e: anyhow::Error) -> ApiError {
+    ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")).with_code("guard_failed")
 }
 
 fn on_event(live: &mut HashMap<usize, Live>, event: Event) {

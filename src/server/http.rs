@@ -21,8 +21,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
-use super::{Input, Job, Reply};
+use super::{Input, Job, Reply, Task};
 use crate::generate::Sampling;
+use crate::steer::GateDecision;
 
 /// An OpenAI-style error: status code and `{"error": {...}}` body.
 #[derive(Debug)]
@@ -85,6 +86,8 @@ pub fn router(jobs: std_mpsc::SyncSender<Job>, options: ServeOptions) -> Router 
         .route("/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/completions", post(completions))
+        .route("/v1/moderations", post(moderations))
+        .route("/moderations", post(moderations))
         .route("/v1/models", get(models))
         .route("/models", get(models))
         .route_layer(middleware::from_fn_with_state(options.api_key, check_api_key));
@@ -284,6 +287,57 @@ fn chat_messages(messages: Vec<Message>) -> Result<Vec<(String, String)>, ApiErr
         .collect()
 }
 
+#[derive(Deserialize)]
+struct ModerationRequest {
+    input: PromptField,
+}
+
+/// OpenAI's moderation categories. The gate tells harmful from harmless, not
+/// one category from another: these stay false, and `flagged` and
+/// `categories.harmful` carry the verdict.
+const OPENAI_CATEGORIES: [&str; 13] = [
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
+    "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence", "violence/graphic",
+];
+
+fn moderation_result(d: GateDecision) -> Value {
+    let mut categories: serde_json::Map<String, Value> = OPENAI_CATEGORIES.iter().map(|c| (c.to_string(), json!(false))).collect();
+    let mut scores: serde_json::Map<String, Value> = OPENAI_CATEGORIES.iter().map(|c| (c.to_string(), json!(0.0))).collect();
+    categories.insert("harmful".into(), json!(d.harmful));
+    // The gate's margin squashed to (0, 1); 0.5 is its boundary.
+    scores.insert("harmful".into(), json!(1.0 / (1.0 + (-d.score).exp())));
+    json!({"flagged": d.harmful, "categories": categories, "category_scores": scores, "inferalign": {"score": d.score, "layer": d.layer, "harmful": d.harmful}})
+}
+
+/// `POST /v1/moderations`: the gate alone, on each input as a user message.
+async fn moderations(State(state): State<AppState>, raw: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let request: ModerationRequest = parse(&body(raw)?)?;
+    let inputs = match request.input {
+        PromptField::One(s) => vec![s],
+        PromptField::Many(v) => v,
+    };
+    if inputs.is_empty() || inputs.len() > MAX_MESSAGES {
+        return Err(ApiError::bad_request(format!("input must hold 1 to {MAX_MESSAGES} strings")).with_code("invalid_value"));
+    }
+    // Queue every input first, so the engine runs them back to back.
+    let mut pending = Vec::new();
+    for text in inputs {
+        let (replies, rx) = mpsc::unbounded_channel();
+        let job = Job { input: Input::Chat(vec![("user".into(), text)]), task: Task::Moderate, replies };
+        state.jobs.try_send(job).map_err(|_| ApiError::server(StatusCode::SERVICE_UNAVAILABLE, "the server is busy or shutting down; retry later"))?;
+        pending.push(rx);
+    }
+    let mut results = Vec::new();
+    for mut rx in pending {
+        match rx.recv().await {
+            Some(Reply::Moderated(d)) => results.push(moderation_result(d)),
+            Some(Reply::Rejected(e)) => return Err(e),
+            _ => return Err(ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped")),
+        }
+    }
+    Ok(Json(json!({"id": format!("modr-{}", rand::random::<u64>()), "model": state.model_id, "results": results})))
+}
+
 /// The body, or axum's refusal of it (too large, unreadable) as an OpenAI-style error.
 fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| ApiError::invalid(e.status(), e.body_text()))
@@ -337,7 +391,7 @@ impl Kind {
 async fn respond(state: AppState, input: Input, options: Options, kind: Kind) -> Result<Response, ApiError> {
     let sampling = options.sampling()?;
     let (replies, mut rx) = mpsc::unbounded_channel();
-    let job = Job { input, sampling, stop: options.stop(), replies };
+    let job = Job { input, task: Task::Generate { sampling, stop: options.stop() }, replies };
     state.jobs.try_send(job).map_err(|_| ApiError::server(StatusCode::SERVICE_UNAVAILABLE, "the server is busy or shutting down; retry later"))?;
     let engine_gone = || ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped");
     let (gate, steered, prompt_tokens) = match rx.recv().await.ok_or_else(engine_gone)? {

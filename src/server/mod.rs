@@ -22,9 +22,15 @@ pub use process::ServerProcess;
 /// What a request asks the engine to do.
 pub struct Job {
     input: Input,
-    sampling: Sampling,
-    stop: Vec<String>,
+    task: Task,
     replies: mpsc::UnboundedSender<Reply>,
+}
+
+enum Task {
+    /// Gate, steer if flagged, and answer.
+    Generate { sampling: Sampling, stop: Vec<String> },
+    /// Run the gate alone (`/v1/moderations`): no shift, no answer.
+    Moderate,
 }
 
 enum Input {
@@ -39,5 +45,7 @@ enum Reply {
     Started { gate: Option<GateDecision>, steered: bool, prompt_tokens: usize },
     Text(String),
     Done { finish_reason: &'static str, completion_tokens: usize },
+    /// The only reply to a moderation.
+    Moderated(GateDecision),
     Rejected(ApiError),
 }
