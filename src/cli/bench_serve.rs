@@ -33,6 +33,9 @@ pub struct ServeBench {
     /// Tokens per answer
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
+    /// Run the server with --deterministic; answers under load must then match those served alone
+    #[arg(long)]
+    deterministic: bool,
     /// Print one JSON object
     #[arg(long)]
     json: bool,
@@ -105,6 +108,9 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
     let prompts: Vec<String> =
         (0..args.requests).map(|i| if i % 4 == 3 { harmful[i % harmful.len()].clone() } else { harmless[i % harmless.len()].clone() }).collect();
     let mut server_args: Vec<std::ffi::OsString> = vec!["--parallel".into(), args.parallel.to_string().into()];
+    if args.deterministic {
+        server_args.push("--deterministic".into());
+    }
     server_args.extend(args.model.as_args());
     let server = ServerProcess::start(&std::env::current_exe()?, server_args)?;
     eprintln!("server at {}; {} requests one at a time, then from {} clients", server.url, prompts.len(), args.clients);
@@ -124,6 +130,7 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
         "model": args.model.model.display().to_string(),
         "requests": prompts.len(),
         "parallel": args.parallel,
+        "deterministic": args.deterministic,
         "max_tokens": args.max_tokens,
         "one_at_a_time": alone,
         "concurrent": together,
@@ -151,7 +158,9 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
         }
         println!("lost {lost}, answers differing from one-at-a-time {}, steered {steered}", mismatched.len());
     }
-    if alone.errors + together.errors + lost > 0 || !mismatched.is_empty() {
+    // Without --deterministic, llama.cpp's kernels round with the batch's make-up,
+    // so answers may differ; they are reported, not a failure.
+    if alone.errors + together.errors + lost > 0 || (args.deterministic && !mismatched.is_empty()) {
         bail!("the load test failed: {} errors, {lost} lost, {} mismatched answers", alone.errors + together.errors, mismatched.len());
     }
     Ok(())

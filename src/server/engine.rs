@@ -80,9 +80,12 @@ pub fn warm_up<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'m, 
 }
 
 /// Serves jobs until every sender is gone and the last request is done.
-pub fn run_engine<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'m, SteerHook>, parallel: usize, jobs: std_mpsc::Receiver<Job>) -> Result<()> {
+/// With `deterministic`, at most [`BATCH_INVARIANT_ROWS`] requests share a decode call.
+pub fn run_engine<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'m, SteerHook>, parallel: usize, deterministic: bool, jobs: std_mpsc::Receiver<Job>) -> Result<()> {
     let mut engine = Engine::new(model, ctx, parallel);
-    engine.limit_rows(BATCH_INVARIANT_ROWS);
+    if deterministic {
+        engine.limit_rows(BATCH_INVARIANT_ROWS);
+    }
     let mut live: HashMap<usize, Live> = HashMap::new();
     let mut next_id = 0;
     loop {
