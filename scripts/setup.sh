@@ -22,4 +22,5 @@ fi
 
 python3 -c "import yaml" 2>/dev/null || python3 -m pip install --quiet "pyyaml==6.0.2"
 python3 -c "import openai" 2>/dev/null || python3 -m pip install --quiet "openai==2.54.0"
+python3 -c "import prometheus_client" 2>/dev/null || python3 -m pip install --quiet "prometheus-client==0.21.1"
 python3 scripts/fetch.py "$@"

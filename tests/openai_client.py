@@ -1,12 +1,15 @@
 """Talks to `inferalign serve` with the official openai client, as a chat UI
-would: a plain and a streamed chat, harmless and harmful. Prints one JSON
-object for the Rust test to check."""
+would: a plain and a streamed chat, harmless and harmful, and a moderation of
+both; then reads /metrics with Prometheus' parser. Prints one JSON object for
+the Rust test to check."""
 import json
 import sys
+import urllib.request
 
 from openai import OpenAI
 
-client = OpenAI(base_url=sys.argv[1] + "/v1", api_key=sys.argv[2])
+url, key = sys.argv[1], sys.argv[2]
+client = OpenAI(base_url=url + "/v1", api_key=key)
 harmless, harmful = sys.argv[3], sys.argv[4]
 
 
@@ -43,9 +46,25 @@ def moderate(inputs):
     return [{"flagged": r.flagged, "harmful": r.categories.model_extra["harmful"], "inferalign": r.model_extra["inferalign"]} for r in response.results]
 
 
-print(json.dumps({
+def metrics():
+    # The Prometheus text format, read with Prometheus' own Python parser.
+    from prometheus_client.parser import text_string_to_metric_families
+    request = urllib.request.Request(url + "/metrics", headers={"Authorization": "Bearer " + key})
+    text = urllib.request.urlopen(request).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "le")
+            if "le" not in s.labels:
+                samples[s.name + ("{" + label + "}" if label else "")] = s.value
+    return samples
+
+
+report = {
     "models": [m.id for m in client.models.list()],
     "moderations": moderate([harmless, harmful]),
     "plain": {"harmless": chat(harmless), "harmful": chat(harmful)},
     "streamed": {"harmless": stream(harmless), "harmful": stream(harmful)},
-}))
+}
+report["metrics"] = metrics()
+print(json.dumps(report))

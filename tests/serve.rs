@@ -191,7 +191,7 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
 
 #[test]
 fn the_openai_python_client_chats_plain_and_streamed() {
-    let server = start_server(QWEN, &["--parallel", "2", "--api-key", "k"]);
+    let server = start_server(QWEN, &["--parallel", "2", "--api-key", "k", "--metrics"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
     let (harmless, harmful) = (&harmless(1)[0], &harmful(1)[0]);
     let out = Command::new("python3").args([script, &server.url, "k", harmless, harmful]).output().expect("run python3");
@@ -216,6 +216,16 @@ fn the_openai_python_client_chats_plain_and_streamed() {
     assert_eq!(plain["harmless"]["header_steered"], "false");
     assert_eq!(plain["harmful"]["inferalign"]["steered"], true);
     assert_eq!(plain["harmful"]["header_steered"], "true");
+    // Six gate decisions (two chats, two streams, two moderations), half fired.
+    let m = &report["metrics"];
+    eprintln!("{m}");
+    assert_eq!(m["inferalign_gate_decisions_total{decision=fired}"], 3.0, "{m}");
+    assert_eq!(m["inferalign_gate_decisions_total{decision=closed}"], 3.0);
+    assert_eq!(m["inferalign_gate_score_count"], 6.0);
+    assert_eq!(m["inferalign_requests_total{kind=generate}"], 4.0);
+    assert_eq!(m["inferalign_requests_total{kind=moderation}"], 2.0);
+    assert_eq!(m["inferalign_queue_depth"], 0.0);
+    assert!(m["inferalign_generated_tokens_total"].as_f64().unwrap() >= 4.0);
     for kind in ["harmless", "harmful"] {
         // Greedy: streaming changes how the answer arrives, not what it is.
         assert_eq!(streamed[kind]["content"], plain[kind]["content"], "{kind}");
@@ -304,4 +314,25 @@ fn idle_and_slow_connections_cannot_starve_the_server() {
     assert_eq!(health.status(), 200);
     assert!(!content(&chat(&server.url, "Say hello.", 4)).is_empty());
     drop(idle);
+}
+
+/// What exactly the gate reads, and the server's settings, as llama-server
+/// reports them.
+#[test]
+fn tokenize_apply_template_and_props_show_what_the_gate_reads() {
+    let server = start_server(QWEN, &["--parallel", "2"]);
+    let post = |path: &str, body: Value| -> Value { agent().post(&format!("{}{path}", server.url)).send_json(body).unwrap().into_json().unwrap() };
+    let templated = post("/apply-template", json!({"messages": [{"role": "user", "content": "How do I bake bread?"}]}));
+    let prompt = templated["prompt"].as_str().unwrap();
+    assert!(prompt.contains("<|im_start|>user\nHow do I bake bread?<|im_end|>") && prompt.ends_with("<|im_start|>assistant\n"), "{prompt}");
+    let tokens = post("/tokenize", json!({"content": prompt}));
+    assert_eq!(tokens["tokens"], templated["tokens"], "tokenizing the templated prompt gives the tokens the gate read");
+    let reply = chat(&server.url, "How do I bake bread?", 2);
+    assert_eq!(reply["usage"]["prompt_tokens"].as_u64().unwrap() as usize, tokens["tokens"].as_array().unwrap().len());
+    let props: Value = agent().get(&format!("{}/props", server.url)).call().unwrap().into_json().unwrap();
+    assert_eq!(props["total_slots"], 2);
+    assert_eq!(props["inferalign"]["mode"], "gated");
+    assert!(props["inferalign"]["gate_layer"].is_u64());
+    // /metrics only with --metrics.
+    assert!(matches!(agent().get(&format!("{}/metrics", server.url)).call(), Err(ureq::Error::Status(404, _))));
 }

@@ -5,9 +5,11 @@ use std::sync::mpsc;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
+use serde_json::json;
 
 use inferalign::llama::{Context, ContextParams, Model};
-use inferalign::server::{router, run_engine, serve_http, shutdown_signal, warm_up, Limits, ServeOptions};
+use inferalign::guard::describe_strength;
+use inferalign::server::{router, run_engine, serve_http, shutdown_signal, warm_up, Limits, Metrics, ServeOptions};
 use inferalign::steer::Mode;
 
 use super::steer_args::GuardArgs;
@@ -47,6 +49,9 @@ pub struct ServeArgs {
     /// 0.80x under 16 clients; see the README)
     #[arg(long)]
     pub deterministic: bool,
+    /// Serve Prometheus metrics at /metrics (requests, tokens, gate decisions and scores, queue depth)
+    #[arg(long)]
+    pub metrics: bool,
 }
 
 /// A context in which each request's answer does not depend on what else is
@@ -78,6 +83,26 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     let params = if args.deterministic { batch_invariant(params, args.parallel) } else { params };
     let deterministic = args.deterministic;
     let model_id = args.alias.clone().unwrap_or_else(|| model_name(&model));
+    let metrics = Metrics::new()?;
+    let props = json!({
+        "model": model_id,
+        "model_path": model.path.display().to_string(),
+        "n_ctx": params.n_ctx,
+        "n_ctx_per_request": params.n_ctx as usize / args.parallel,
+        "total_slots": args.parallel,
+        "chat_template": template.name,
+        "deterministic": args.deterministic,
+        "inferalign": {
+            "mode": format!("{mode:?}").to_lowercase(),
+            "gate_file": resolved.gate_path.display().to_string(),
+            "gate_layer": resolved.gate.layer,
+            "gate_offset": resolved.gate.offset,
+            "gate_bias": resolved.gate.bias,
+            "steer_file": resolved.steer_path.display().to_string(),
+            "steering": describe_strength(resolved.steering.strength),
+            "steered_layers": resolved.steering.layers,
+        },
+    });
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let listener = runtime
@@ -88,19 +113,27 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
 
     std::thread::scope(|scope| {
         let (ready, engine_ready) = mpsc::channel();
-        let (model, params, template, parallel) = (&model, &params, &template, args.parallel);
+        let (model, params, template, parallel, engine_metrics) = (&model, &params, &template, args.parallel, metrics.clone());
         let hook = resolved.hook(parallel)?;
         let engine = scope.spawn(move || {
             let _ended = engine_ended;
             let mut ctx = Context::new(model, params, hook, mode != Mode::Plain)?;
             warm_up(model, template, &mut ctx)?;
             let _ = ready.send(());
-            run_engine(model, template, &mut ctx, parallel, deterministic, queue)
+            run_engine(model, template, &mut ctx, parallel, deterministic, &engine_metrics, queue)
         });
         if engine_ready.recv().is_err() {
             return engine.join().expect("the engine thread panicked");
         }
-        let app = router(jobs, ServeOptions { model_id: model_id.clone(), api_key: args.api_key.clone(), mode: format!("{mode:?}").to_lowercase() });
+        let options = ServeOptions {
+            model_id: model_id.clone(),
+            api_key: args.api_key.clone(),
+            mode: format!("{mode:?}").to_lowercase(),
+            metrics,
+            expose_metrics: args.metrics,
+            props,
+        };
+        let app = router(jobs, options);
         let addr = listener.local_addr()?;
         eprintln!(
             "serving {model_id} on http://{addr} ({} parallel requests, {} context tokens each); Ctrl-C stops",

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use axum::http::StatusCode;
 use tokio::sync::mpsc;
 
-use super::{ApiError, Input, Job, Reply, Task};
+use super::{ApiError, Input, Job, Metrics, Reply, Task};
 use crate::generate::{Engine, Event, Sampling};
 use crate::llama::{Context, Model};
 use crate::prompts::{tokenize, Template};
@@ -81,7 +81,15 @@ pub fn warm_up<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'m, 
 
 /// Serves jobs until every sender is gone and the last request is done.
 /// With `deterministic`, at most [`BATCH_INVARIANT_ROWS`] requests share a decode call.
-pub fn run_engine<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'m, SteerHook>, parallel: usize, deterministic: bool, jobs: std_mpsc::Receiver<Job>) -> Result<()> {
+pub fn run_engine<'m>(
+    model: &'m Model,
+    template: &Template,
+    ctx: &mut Context<'m, SteerHook>,
+    parallel: usize,
+    deterministic: bool,
+    metrics: &Metrics,
+    jobs: std_mpsc::Receiver<Job>,
+) -> Result<()> {
     let mut engine = Engine::new(model, ctx, parallel);
     if deterministic {
         engine.limit_rows(BATCH_INVARIANT_ROWS);
@@ -101,7 +109,13 @@ pub fn run_engine<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'
                     Err(_) => break,
                 }
             };
+            metrics.queue_depth.dec();
             if job.replies.is_closed() {
+                continue;
+            }
+            if let Task::Render = job.task {
+                let reply = render(model, template, &job.input).map(|(text, tokens)| Reply::Rendered { text, tokens });
+                let _ = job.replies.send(reply.unwrap_or_else(|e| Reply::Rejected(ApiError::bad_request(format!("{e:#}")).with_code("invalid_prompt"))));
                 continue;
             }
             let tokens = match prompt_tokens(model, template, &job.input) {
@@ -115,10 +129,15 @@ pub fn run_engine<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'
                 let _ = job.replies.send(Reply::Rejected(ApiError::bad_request(format!("{e:#}")).with_code("context_length_exceeded")));
                 continue;
             }
+            metrics.request(job.task.kind(), tokens.len());
             let (sampling, stop) = match job.task {
                 Task::Generate { sampling, stop } => (sampling, stop),
+                Task::Render => unreachable!("answered above"),
                 Task::Moderate => {
-                    let reply = engine.moderate(&tokens).map(Reply::Moderated);
+                    let reply = engine.moderate(&tokens).map(|d| {
+                        metrics.gated(Some(d));
+                        Reply::Moderated(d)
+                    });
                     let _ = job.replies.send(reply.unwrap_or_else(|e| Reply::Rejected(guard_failed(e))));
                     continue;
                 }
@@ -126,7 +145,7 @@ pub fn run_engine<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'
             let id = next_id;
             next_id += 1;
             live.insert(id, Live { replies: job.replies, stop, text: String::new(), sent: 0, stopped: false, prompt_tokens: tokens.len() });
-            if let Err(e) = engine.admit(id, &tokens, &sampling, &mut |event| on_event(&mut live, event)) {
+            if let Err(e) = engine.admit(id, &tokens, &sampling, &mut |event| on_event(&mut live, metrics, event)) {
                 // A request the guard could not gate is answered with an error, never unguarded.
                 engine.finish(id);
                 if let Some(l) = live.remove(&id) {
@@ -137,7 +156,7 @@ pub fn run_engine<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'
         if engine.is_idle() {
             continue;
         }
-        engine.step(&mut |event| on_event(&mut live, event))?;
+        engine.step(&mut |event| on_event(&mut live, metrics, event))?;
         // Requests that hit a stop string, or whose client went away, end now.
         let ended: Vec<usize> = live.iter().filter(|(_, l)| l.stopped || l.replies.is_closed()).map(|(&id, _)| id).collect();
         for id in ended {
@@ -153,9 +172,10 @@ fn guard_failed(e: anyhow::Error) -> ApiError {
     ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")).with_code("guard_failed")
 }
 
-fn on_event(live: &mut HashMap<usize, Live>, event: Event) {
+fn on_event(live: &mut HashMap<usize, Live>, metrics: &Metrics, event: Event) {
     match event {
         Event::Started { request, gate, steered } => {
+            metrics.gated(gate);
             if let Some(l) = live.get(&request) {
                 let _ = l.replies.send(Reply::Started { gate, steered, prompt_tokens: l.prompt_tokens });
             }
@@ -166,6 +186,7 @@ fn on_event(live: &mut HashMap<usize, Live>, event: Event) {
             }
         }
         Event::Done { request, generation } => {
+            metrics.generated(generation.tokens.len());
             if let Some(l) = live.remove(&request) {
                 l.finish(if generation.truncated { "length" } else { "stop" }, generation.tokens.len());
             }
@@ -174,8 +195,13 @@ fn on_event(live: &mut HashMap<usize, Live>, event: Event) {
 }
 
 fn prompt_tokens(model: &Model, template: &Template, input: &Input) -> Result<Vec<i32>> {
-    match input {
-        Input::Text(text) => tokenize(model, text),
+    render(model, template, input).map(|(_, tokens)| tokens)
+}
+
+/// The text the model reads for `input` (chat-templated unless raw) and its tokens.
+fn render(model: &Model, template: &Template, input: &Input) -> Result<(String, Vec<i32>)> {
+    let text = match input {
+        Input::Text(text) => text.clone(),
         Input::Chat(messages) => {
             let turns: Vec<(&str, &str)> = messages.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
             // The request's own system message replaces --system-prompt.
@@ -187,9 +213,11 @@ fn prompt_tokens(model: &Model, template: &Template, input: &Input) -> Result<Ve
             } else {
                 template.apply_chat(model, &turns)?
             };
-            tokenize(model, &text)
+            text
         }
-    }
+    };
+    let tokens = tokenize(model, &text)?;
+    Ok((text, tokens))
 }
 
 #[cfg(test)]

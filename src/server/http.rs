@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
-use super::{Input, Job, Reply, Task};
+use super::{Input, Job, Metrics, Reply, Task};
 use crate::generate::Sampling;
 use crate::steer::GateDecision;
 
@@ -68,6 +68,11 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// Mode name reported with each answer.
     pub mode: String,
+    /// Shared with the engine; served at `/metrics` when `expose_metrics`.
+    pub metrics: Metrics,
+    pub expose_metrics: bool,
+    /// What `/props` reports: the server's settings and the guard's.
+    pub props: Value,
 }
 
 #[derive(Clone)]
@@ -76,12 +81,30 @@ struct AppState {
     model_id: String,
     mode: String,
     created: u64,
+    metrics: Metrics,
+    props: Arc<Value>,
+}
+
+impl AppState {
+    /// Queues `job` for the engine, or says the server is full.
+    fn submit(&self, job: Job) -> Result<(), ApiError> {
+        self.jobs.try_send(job).map_err(|_| ApiError::server(StatusCode::SERVICE_UNAVAILABLE, "the server is busy or shutting down; retry later"))?;
+        self.metrics.queue_depth.inc();
+        Ok(())
+    }
 }
 
 /// The HTTP routes, sending jobs to the engine through `jobs`.
 pub fn router(jobs: std_mpsc::SyncSender<Job>, options: ServeOptions) -> Router {
-    let state = AppState { jobs, model_id: options.model_id, mode: options.mode, created: unix_time() };
-    let api = Router::new()
+    let state = AppState {
+        jobs,
+        model_id: options.model_id,
+        mode: options.mode,
+        created: unix_time(),
+        metrics: options.metrics,
+        props: Arc::new(options.props),
+    };
+    let mut api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -90,7 +113,13 @@ pub fn router(jobs: std_mpsc::SyncSender<Job>, options: ServeOptions) -> Router 
         .route("/moderations", post(moderations))
         .route("/v1/models", get(models))
         .route("/models", get(models))
-        .route_layer(middleware::from_fn_with_state(options.api_key, check_api_key));
+        .route("/tokenize", post(tokenize))
+        .route("/apply-template", post(apply_template))
+        .route("/props", get(|State(state): State<AppState>| async move { Json((*state.props).clone()) }));
+    if options.expose_metrics {
+        api = api.route("/metrics", get(metrics));
+    }
+    let api = api.route_layer(middleware::from_fn_with_state(options.api_key, check_api_key));
     api.route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .fallback(|| async { ApiError::invalid(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(state)
@@ -108,6 +137,41 @@ async fn check_api_key(State(key): State<Option<String>>, request: Request, next
         }
     }
     next.run(request).await
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    ([("content-type", "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+/// The templated text and tokens of `input`, from the engine thread, which owns the model.
+async fn rendered(state: &AppState, input: Input) -> Result<(String, Vec<i32>), ApiError> {
+    let (replies, mut rx) = mpsc::unbounded_channel();
+    state.submit(Job { input, task: Task::Render, replies })?;
+    match rx.recv().await {
+        Some(Reply::Rendered { text, tokens }) => Ok((text, tokens)),
+        Some(Reply::Rejected(e)) => Err(e),
+        _ => Err(ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped")),
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenizeRequest {
+    content: String,
+}
+
+/// `POST /tokenize`, as llama-server has it: the tokens of raw text.
+async fn tokenize(State(state): State<AppState>, raw: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let request: TokenizeRequest = parse(&body(raw)?)?;
+    let (_, tokens) = rendered(&state, Input::Text(request.content)).await?;
+    Ok(Json(json!({"tokens": tokens})))
+}
+
+/// `POST /apply-template`, as llama-server has it: the chat-templated prompt,
+/// exactly the text the gate reads, and its tokens.
+async fn apply_template(State(state): State<AppState>, raw: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let request: ChatRequest = parse(&body(raw)?)?;
+    let (prompt, tokens) = rendered(&state, Input::Chat(chat_messages(request.messages)?)).await?;
+    Ok(Json(json!({"prompt": prompt, "tokens": tokens})))
 }
 
 async fn models(State(state): State<AppState>) -> Json<Value> {
@@ -324,7 +388,7 @@ async fn moderations(State(state): State<AppState>, raw: Result<Bytes, BytesReje
     for text in inputs {
         let (replies, rx) = mpsc::unbounded_channel();
         let job = Job { input: Input::Chat(vec![("user".into(), text)]), task: Task::Moderate, replies };
-        state.jobs.try_send(job).map_err(|_| ApiError::server(StatusCode::SERVICE_UNAVAILABLE, "the server is busy or shutting down; retry later"))?;
+        state.submit(job)?;
         pending.push(rx);
     }
     let mut results = Vec::new();
@@ -392,7 +456,7 @@ async fn respond(state: AppState, input: Input, options: Options, kind: Kind) ->
     let sampling = options.sampling()?;
     let (replies, mut rx) = mpsc::unbounded_channel();
     let job = Job { input, task: Task::Generate { sampling, stop: options.stop() }, replies };
-    state.jobs.try_send(job).map_err(|_| ApiError::server(StatusCode::SERVICE_UNAVAILABLE, "the server is busy or shutting down; retry later"))?;
+    state.submit(job)?;
     let engine_gone = || ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped");
     let (gate, steered, prompt_tokens) = match rx.recv().await.ok_or_else(engine_gone)? {
         Reply::Started { gate, steered, prompt_tokens } => (gate, steered, prompt_tokens),

@@ -8,6 +8,7 @@
 
 mod engine;
 mod http;
+mod metrics;
 mod process;
 
 use tokio::sync::mpsc;
@@ -17,6 +18,7 @@ use crate::steer::GateDecision;
 
 pub use engine::{run_engine, warm_up, BATCH_INVARIANT_ROWS};
 pub use http::{router, serve_http, shutdown_signal, ApiError, Limits, ServeOptions, MAX_MESSAGES};
+pub use metrics::Metrics;
 pub use process::ServerProcess;
 
 /// What a request asks the engine to do.
@@ -26,11 +28,23 @@ pub struct Job {
     replies: mpsc::UnboundedSender<Reply>,
 }
 
+impl Task {
+    fn kind(&self) -> &'static str {
+        match self {
+            Task::Generate { .. } => "generate",
+            Task::Moderate => "moderation",
+            Task::Render => "template",
+        }
+    }
+}
+
 enum Task {
     /// Gate, steer if flagged, and answer.
     Generate { sampling: Sampling, stop: Vec<String> },
     /// Run the gate alone (`/v1/moderations`): no shift, no answer.
     Moderate,
+    /// The templated text and its tokens: what the gate would read.
+    Render,
 }
 
 enum Input {
@@ -47,5 +61,7 @@ enum Reply {
     Done { finish_reason: &'static str, completion_tokens: usize },
     /// The only reply to a moderation.
     Moderated(GateDecision),
+    /// The only reply to `Render`.
+    Rendered { text: String, tokens: Vec<i32> },
     Rejected(ApiError),
 }
