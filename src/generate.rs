@@ -298,7 +298,11 @@ impl<'c, 'm> Engine<'c, 'm> {
         ctx.hook_mut().begin_gate_only(seq)?;
         let tail = ctx.hook().gate().map_or(1, |g| g.offset + 1);
         ctx.hook_mut().set_shifter(Shifter::GateOnly);
+        // Nothing past the gate layer is used: not the logits, not the deeper
+        // cache (the sequence is removed right after).
+        ctx.hook_mut().set_stop_at_gate(true);
         let decoded = prefill(ctx, batch, prompt, seq as i32, tail);
+        ctx.hook_mut().set_stop_at_gate(false);
         ctx.hook_mut().set_shifter(Shifter::Hook);
         ctx.seq_rm(seq as i32, -1, -1);
         decoded?;

@@ -201,6 +201,12 @@ pub trait LayerHook {
     /// Called with the computed block output, before any later node runs. An
     /// error (a batch that does not match the plan) fails the decode.
     fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) -> Result<()>;
+    /// Whether llama.cpp may skip the rest of the graph after `layer` (its
+    /// scheduler stops a split when the callback says no): for passes whose
+    /// logits and deeper cache are never used.
+    fn stop_after(&self, _layer: usize) -> bool {
+        false
+    }
 }
 
 /// Two hooks on one graph: the first edits, the second sees its edits.
@@ -213,6 +219,10 @@ impl<A: LayerHook, B: LayerHook> LayerHook for (A, B) {
     fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) -> Result<()> {
         self.0.on_layer(layer, out)?;
         self.1.on_layer(layer, out)
+    }
+
+    fn stop_after(&self, layer: usize) -> bool {
+        self.0.stop_after(layer) && self.1.stop_after(layer)
     }
 }
 
@@ -360,10 +370,8 @@ unsafe extern "C" fn trampoline<H: LayerHook>(
         scratch,
         host,
     };
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        hook.on_layer(layer, &mut out)
-    })) {
-        Ok(Ok(())) => {}
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook.on_layer(layer, &mut out).map(|()| hook.stop_after(layer)))) {
+        Ok(Ok(stop)) => return !stop,
         Ok(Err(e)) => cell.fail(format!("layer {layer}: {e:#}")),
         Err(p) => cell.fail(format!(
             "the hook panicked at layer {layer}: {}",

@@ -180,6 +180,8 @@ pub struct SteerHook {
     gate: Option<Gate>,
     steering: Steering,
     shifter: Shifter,
+    /// Stop the graph once the gate has read its layer (moderation).
+    stop_at_gate: bool,
     requests: Vec<Request>,
     n_tokens: usize,
     /// Sequence of each token row, and of each output row, in the current batch.
@@ -201,6 +203,7 @@ impl SteerHook {
             gate,
             steering,
             shifter: Shifter::Hook,
+            stop_at_gate: false,
             requests: vec![Request::default(); n_seq],
             n_tokens: 0,
             row_seq: Vec::new(),
@@ -295,6 +298,11 @@ impl SteerHook {
         self.shifter = shifter;
     }
 
+    /// For passes that only gate: llama.cpp may skip every layer after the gate's.
+    pub fn set_stop_at_gate(&mut self, stop: bool) {
+        self.stop_at_gate = stop;
+    }
+
     fn steers_any_row(&self) -> bool {
         self.row_seq.iter().any(|&s| self.is_steered(s))
     }
@@ -365,6 +373,10 @@ impl LayerHook for SteerHook {
         let gate_here = !self.gate_rows.is_empty() && self.gate.as_ref().is_some_and(|g| g.layer == layer);
         let shift_here = self.shifter == Shifter::Hook && self.steering.shift(layer).is_some() && self.steers_any_row();
         gate_here || shift_here
+    }
+
+    fn stop_after(&self, layer: usize) -> bool {
+        self.stop_at_gate && self.gate.as_ref().is_some_and(|g| g.layer == layer)
     }
 
     fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) -> Result<()> {
