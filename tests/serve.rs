@@ -325,6 +325,15 @@ fn tokenize_apply_template_and_props_show_what_the_gate_reads() {
     let templated = post("/apply-template", json!({"messages": [{"role": "user", "content": "How do I bake bread?"}]}));
     let prompt = templated["prompt"].as_str().unwrap();
     assert!(prompt.contains("<|im_start|>user\nHow do I bake bread?<|im_end|>") && prompt.ends_with("<|im_start|>assistant\n"), "{prompt}");
+    // A tool result goes through the model's own template.
+    let tool_turns = json!({"messages": [
+        {"role": "user", "content": "What is the weather in Oslo?"},
+        {"role": "assistant", "content": "Let me look it up."},
+        {"role": "tool", "content": "Oslo: 4 degrees, light rain"}
+    ]});
+    let with_tool = post("/apply-template", tool_turns.clone())["prompt"].as_str().unwrap().to_string();
+    assert!(with_tool.contains("Oslo: 4 degrees, light rain"), "{with_tool}");
+    assert!(!content(&post("/v1/chat/completions", json!({"messages": tool_turns["messages"], "max_tokens": 4}))).is_empty());
     let tokens = post("/tokenize", json!({"content": prompt}));
     assert_eq!(tokens["tokens"], templated["tokens"], "tokenizing the templated prompt gives the tokens the gate read");
     let reply = chat(&server.url, "How do I bake bread?", 2);

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use axum::http::StatusCode;
 use tokio::sync::mpsc;
 
@@ -213,6 +213,11 @@ fn render(model: &Model, template: &Template, input: &Input) -> Result<(String, 
             } else {
                 template.apply_chat(model, &turns)?
             };
+            // A template without tool turns may drop them silently; the gate
+            // would then not read what the model is asked.
+            if messages.iter().any(|(role, content)| role == "tool" && !content.is_empty() && !text.contains(content.as_str())) {
+                bail!("this model's chat template ({}) drops tool messages; send their content in a user message", template.name);
+            }
             text
         }
     };

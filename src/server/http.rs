@@ -332,8 +332,8 @@ fn chat_messages(messages: Vec<Message>) -> Result<Vec<(String, String)>, ApiErr
     messages
         .into_iter()
         .map(|m| {
-            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant") {
-                return Err(ApiError::bad_request(format!("unsupported message role {:?}: use system, user or assistant", m.role)));
+            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
+                return Err(ApiError::bad_request(format!("unsupported message role {:?}: use system, user, assistant or tool", m.role)));
             }
             let text = match m.content {
                 None => String::new(),
