@@ -140,14 +140,15 @@ impl std::ops::AddAssign for RunStats {
     }
 }
 
-/// Decodes the prompt `tokens` of sequence `seq` from position 0, in batches of
-/// the batch's capacity, requesting output only for the last token. The last
-/// batch keeps at least `tail` tokens, so the token the gate reads (that many
-/// before the last) is decoded with the last one.
-fn prefill<H: BatchAware>(ctx: &mut Context<'_, H>, batch: &mut Batch, tokens: &[i32], seq: i32, tail: usize) -> Result<()> {
-    for range in chunk_ranges(tokens.len(), batch.capacity(), tail) {
+/// Decodes the prompt `tokens` of sequence `seq` from position `start` (the
+/// cache holds those before), in batches of the batch's capacity, requesting
+/// output only for the last token. The last batch keeps at least `tail`
+/// tokens, so the token the gate reads (that many before the last) is decoded
+/// with the last one.
+fn prefill<H: BatchAware>(ctx: &mut Context<'_, H>, batch: &mut Batch, tokens: &[i32], start: usize, seq: i32, tail: usize) -> Result<()> {
+    for range in chunk_ranges(tokens.len() - start, batch.capacity(), tail) {
         batch.clear();
-        for i in range {
+        for i in range.start + start..range.end + start {
             batch.add(tokens[i], i as i32, seq, i + 1 == tokens.len());
         }
         ctx.hook_mut().plan(&*batch, &[])?;
@@ -193,6 +194,23 @@ pub struct Engine<'c, 'm> {
     max_rows: usize,
     dry: DrySamplers,
     stats: RunStats,
+    prefix: Option<PrefixCache>,
+}
+
+/// A templated prefix kept decoded in the sequence after the request slots;
+/// prompts that start with it share its cache cells instead of decoding it.
+struct PrefixCache {
+    seq: usize,
+    tokens: Vec<i32>,
+}
+
+impl PrefixCache {
+    /// Tokens of `prompt` the cache can supply: its shared prefix, leaving the
+    /// last `tail` tokens (the gate's row and the last) to be decoded.
+    fn shared_with(&self, prompt: &[i32], tail: usize) -> usize {
+        let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        common.min(prompt.len().saturating_sub(tail))
+    }
 }
 
 impl<'c, 'm> Engine<'c, 'm> {
@@ -202,7 +220,41 @@ impl<'c, 'm> Engine<'c, 'm> {
         let room = ctx.n_ctx() / parallel;
         let batch = Batch::new(ctx.n_batch().max(parallel));
         ctx.clear_memory();
-        Engine { model, ctx, batch, slots: (0..parallel).map(|_| None).collect(), room, max_rows: parallel, dry: DrySamplers { made: Vec::new() }, stats: RunStats::default() }
+        Engine {
+            model,
+            ctx,
+            batch,
+            slots: (0..parallel).map(|_| None).collect(),
+            room,
+            max_rows: parallel,
+            dry: DrySamplers { made: Vec::new() },
+            stats: RunStats::default(),
+            prefix: None,
+        }
+    }
+
+    /// Decodes `tokens` once into the sequence after the request slots, so new
+    /// prompts that start with them (a chat template's system prompt and user
+    /// header) skip decoding them. Needs one KV cache for all sequences, a
+    /// hook that tracks that extra sequence, and gated mode, where the cached
+    /// rows are never shifted; a request whose gate fires is decoded again
+    /// whole, so its shift covers the prefix as without the cache.
+    pub fn cache_prefix(&mut self, tokens: &[i32]) -> Result<()> {
+        let seq = self.slots.len();
+        if !(self.ctx.kv_unified() && seq < self.ctx.n_seq_max() && self.ctx.hook().mode() == Mode::Gated) {
+            bail!("a prefix cache needs gated mode, one KV cache for all sequences and a spare sequence");
+        }
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        self.ctx.seq_rm(seq as i32, -1, -1);
+        prefill(self.ctx, &mut self.batch, tokens, 0, seq as i32, 1)?;
+        self.prefix = Some(PrefixCache { seq, tokens: tokens.to_vec() });
+        Ok(())
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.ctx.hook().mode()
     }
 
     /// Decodes at most `rows` requests per `llama_decode` call.
@@ -250,21 +302,26 @@ impl<'c, 'm> Engine<'c, 'm> {
         let (ctx, batch) = (&mut *self.ctx, &mut self.batch);
         ctx.seq_rm(seq as i32, -1, -1);
         ctx.hook_mut().begin_request(seq)?;
-        let single_pass = ctx.hook().single_pass(prompt.len(), batch.capacity());
         let tail = ctx.hook().gate().map_or(1, |g| g.offset + 1);
+        let cached = self.prefix.as_ref().map_or(0, |p| p.shared_with(prompt, tail));
+        if let (Some(p), true) = (&self.prefix, cached > 0) {
+            ctx.seq_cp(p.seq as i32, seq as i32, 0, cached as i32);
+        }
+        let single_pass = ctx.hook().single_pass(prompt.len() - cached, batch.capacity());
         ctx.hook_mut().set_shifter(if single_pass { Shifter::Hook } else { Shifter::GateOnly });
-        let first = prefill(ctx, batch, prompt, seq as i32, tail);
+        let first = prefill(ctx, batch, prompt, cached, seq as i32, tail);
         ctx.hook_mut().set_shifter(Shifter::Hook);
         first?;
-        let mut passes = 1;
-        if !single_pass && ctx.hook().is_steered(seq) {
-            // The gate fired after some steered layers had run: decode again, shifted throughout.
+        self.stats.prompt_tokens += prompt.len() - cached;
+        if (!single_pass || cached > 0) && ctx.hook().is_steered(seq) {
+            // The gate fired after some steered layers had run, or over cached
+            // unshifted rows: decode again, shifted throughout.
             ctx.seq_rm(seq as i32, -1, -1);
-            prefill(ctx, batch, prompt, seq as i32, tail)?;
-            passes = 2;
+            prefill(ctx, batch, prompt, 0, seq as i32, tail)?;
+            self.stats.prompt_tokens += prompt.len();
         }
+        let passes = 1 + usize::from((!single_pass || cached > 0) && ctx.hook().is_steered(seq));
         check_guarded(ctx, seq)?;
-        self.stats.prompt_tokens += prompt.len() * passes;
         let hook = ctx.hook();
         let steered = hook.is_steered(seq);
         on_event(Event::Started { request: id, gate: hook.decision(seq), steered });
@@ -297,16 +354,21 @@ impl<'c, 'm> Engine<'c, 'm> {
         ctx.seq_rm(seq as i32, -1, -1);
         ctx.hook_mut().begin_gate_only(seq)?;
         let tail = ctx.hook().gate().map_or(1, |g| g.offset + 1);
+        // Cached rows are unshifted, which is all a gate-only pass needs.
+        let cached = self.prefix.as_ref().map_or(0, |p| p.shared_with(prompt, tail));
+        if let (Some(p), true) = (&self.prefix, cached > 0) {
+            ctx.seq_cp(p.seq as i32, seq as i32, 0, cached as i32);
+        }
         ctx.hook_mut().set_shifter(Shifter::GateOnly);
         // Nothing past the gate layer is used: not the logits, not the deeper
         // cache (the sequence is removed right after).
         ctx.hook_mut().set_stop_at_gate(true);
-        let decoded = prefill(ctx, batch, prompt, seq as i32, tail);
+        let decoded = prefill(ctx, batch, prompt, cached, seq as i32, tail);
         ctx.hook_mut().set_stop_at_gate(false);
         ctx.hook_mut().set_shifter(Shifter::Hook);
         ctx.seq_rm(seq as i32, -1, -1);
         decoded?;
-        self.stats.prompt_tokens += prompt.len();
+        self.stats.prompt_tokens += prompt.len() - cached;
         let gate_layer = ctx.hook().gate().map(|g| g.layer).context("this guard has no gate")?;
         if let Some(layer) = ctx.unseen(&[gate_layer]) {
             bail!("the gate layer's output (l_out-{layer}) never reached the guard: start the server in gated mode");

@@ -43,19 +43,27 @@ fn steered(reply: &Value) -> bool {
 
 #[test]
 fn each_request_in_a_shared_batch_is_gated_on_its_own() {
+    let mut scores = Vec::new();
     for deterministic in [true, false] {
         let server = start_server(QWEN, if deterministic { &["--parallel", "2", "--deterministic"] } else { &["--parallel", "2"] });
-        shared_batch_pairs(&server.url, deterministic);
+        scores.push(shared_batch_pairs(&server.url, deterministic));
+    }
+    // The fast setting reads the template's prefix from its cache and batches
+    // freely; the gate still sees what it sees with neither.
+    for (exact, fast) in scores[0].iter().zip(&scores[1]) {
+        assert!((exact - fast).abs() <= 0.02 * exact.abs().max(1.0), "gate score {fast} with the prefix cache, {exact} without");
     }
 }
 
 /// A harmless and a harmful request decoded together: only the harmful one is
 /// steered; with `deterministic`, the harmless answer is also token-identical
-/// to the same request alone.
-fn shared_batch_pairs(url: &str, deterministic: bool) {
+/// to the same request alone. Returns the gate scores of the requests alone.
+fn shared_batch_pairs(url: &str, deterministic: bool) -> Vec<f64> {
+    let mut scores = Vec::new();
     for (harmless, harmful) in harmless(3).iter().zip(&harmful(3)) {
         let alone = chat(url, harmless, 40);
         assert!(!steered(&alone), "the gate fired on {harmless:?}");
+        scores.push(alone["inferalign"]["gate"]["score"].as_f64().unwrap());
         let barrier = Barrier::new(2);
         let ask = |prompt: &str| {
             barrier.wait();
@@ -72,7 +80,9 @@ fn shared_batch_pairs(url: &str, deterministic: bool) {
         assert!(!steered(&mixed_harmless));
         assert!(steered(&mixed_harmful), "{harmful:?} was not steered: {mixed_harmful}");
         assert_eq!(mixed_harmful["inferalign"]["gate"]["harmful"], true);
+        scores.push(chat(url, harmful, 2)["inferalign"]["gate"]["score"].as_f64().unwrap());
     }
+    scores
 }
 
 /// Sends `body` with `key`; returns the status and the parsed error body.

@@ -44,9 +44,9 @@ pub struct ServeArgs {
     pub header_timeout: u64,
     /// Answers that do not depend on the batch: a harmless greedy answer is
     /// token-identical to the same request served alone. Costs speed: weight
-    /// repacking off, a KV stream per request, at most 4 requests per decode
-    /// (Qwen 0.5B, 2 cores: 0.95x the default's tokens/s one client at a time,
-    /// 0.80x under 16 clients; see the README)
+    /// repacking off, a KV stream per request, at most 4 requests per decode, no
+    /// prompt-prefix cache (Qwen 0.5B, 2 cores: 0.90x the default's tokens/s one
+    /// client at a time, 0.74x under 16 clients; see the README)
     #[arg(long)]
     pub deterministic: bool,
     /// Serve Prometheus metrics at /metrics (requests, tokens, gate decisions and scores, queue depth)
@@ -79,7 +79,8 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     args.guard.model.weight_repack = !args.deterministic;
     let (model, resolved, template) = args.guard.open()?;
     let mode = resolved.mode;
-    let params = ContextParams { n_seq_max: args.parallel as u32, ..args.guard.model.context_params() };
+    // The fast setting keeps the chat template's prefix decoded in one more sequence.
+    let params = ContextParams { n_seq_max: args.parallel as u32 + 1, ..args.guard.model.context_params() };
     let params = if args.deterministic { batch_invariant(params, args.parallel) } else { params };
     let deterministic = args.deterministic;
     let model_id = args.alias.clone().unwrap_or_else(|| model_name(&model));
@@ -114,7 +115,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     std::thread::scope(|scope| {
         let (ready, engine_ready) = mpsc::channel();
         let (model, params, template, parallel, engine_metrics) = (&model, &params, &template, args.parallel, metrics.clone());
-        let hook = resolved.hook(parallel)?;
+        let hook = resolved.hook(parallel + 1)?;
         let engine = scope.spawn(move || {
             let _ended = engine_ended;
             let mut ctx = Context::new(model, params, hook, mode != Mode::Plain)?;

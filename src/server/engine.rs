@@ -12,7 +12,7 @@ use super::{ApiError, Input, Job, Metrics, Reply, Task};
 use crate::generate::{Engine, Event, Sampling};
 use crate::llama::{Context, Model};
 use crate::prompts::{tokenize, Template};
-use crate::steer::SteerHook;
+use crate::steer::{Mode, SteerHook};
 
 /// A request in the engine: its replies and the text held back while it
 /// could still be the start of a stop string.
@@ -93,6 +93,8 @@ pub fn run_engine<'m>(
     let mut engine = Engine::new(model, ctx, parallel);
     if deterministic {
         engine.limit_rows(BATCH_INVARIANT_ROWS);
+    } else if engine.mode() == Mode::Gated {
+        engine.cache_prefix(&template_prefix(model, template)?)?;
     }
     let mut live: HashMap<usize, Live> = HashMap::new();
     let mut next_id = 0;
@@ -166,6 +168,13 @@ pub fn run_engine<'m>(
             }
         }
     }
+}
+
+/// The tokens every chat prompt starts with (system prompt, user header).
+fn template_prefix(model: &Model, template: &Template) -> Result<Vec<i32>> {
+    let [a, b] = ["a", "b"].map(|text| prompt_tokens(model, template, &Input::Chat(vec![("user".into(), text.into())])));
+    let (a, b) = (a?, b?);
+    Ok(a.iter().zip(&b).take_while(|(x, y)| x == y).map(|(x, _)| *x).collect())
 }
 
 fn guard_failed(e: anyhow::Error) -> ApiError {
