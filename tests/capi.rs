@@ -19,28 +19,49 @@ fn llama_include(release: &Path) -> PathBuf {
     found.pop().expect("llama.h from the llama-cpp-sys-2 build")
 }
 
-#[test]
-fn c_program_sees_the_gate_fire_on_harmful_and_not_on_harmless() {
+/// Compiles `source` against llama.h, inferalign.h and libinferalign.a.
+fn compile(source: &Path, exe: &Path) {
     let release = PathBuf::from(env!("CARGO_BIN_EXE_inferalign")).parent().unwrap().to_path_buf();
     let lib = release.join("libinferalign.a");
     assert!(lib.is_file(), "missing {}: run `cargo build --release` first (scripts/test.sh does)", lib.display());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = common::tempdir();
-    let exe = dir.path().join("guard");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let status = Command::new(&cc)
-        .arg(root.join("examples/c/guard.c"))
+        .arg(source)
         .arg("-I")
         .arg(root.join("include"))
         .arg("-I")
         .arg(llama_include(&release))
         .arg("-o")
-        .arg(&exe)
+        .arg(exe)
         .arg(&lib)
         .args(["-lstdc++", "-lgomp", "-lm", "-lpthread", "-ldl"])
         .status()
         .expect("run the C compiler");
-    assert!(status.success(), "compiling examples/c/guard.c failed");
+    assert!(status.success(), "compiling {} failed", source.display());
+}
+
+/// A guard an application forgot to install fails closed: no decision, and
+/// after_decode says the guard never ran.
+#[test]
+fn a_guard_that_never_ran_fails_closed() {
+    let dir = common::tempdir();
+    let exe = dir.path().join("not_installed");
+    compile(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c/not_installed.c"), &exe);
+    let out = Command::new(&exe).arg(common::model(common::QWEN)).arg(common::quick_gate(common::QWEN)).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("before_decode=-1"), "{stdout}");
+    assert!(stdout.contains("after_decode=-1") && stdout.contains("never reached the guard"), "{stdout}");
+    assert!(stdout.contains("decision=-1"), "{stdout}");
+}
+
+#[test]
+fn c_program_sees_the_gate_fire_on_harmful_and_not_on_harmless() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = common::tempdir();
+    let exe = dir.path().join("guard");
+    compile(&root.join("examples/c/guard.c"), &exe);
 
     let gate = common::quick_gate(common::QWEN);
     let model = common::model(common::QWEN);
