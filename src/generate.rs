@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
@@ -197,6 +197,23 @@ pub struct Engine<'c, 'm> {
     prefix: Option<PrefixCache>,
 }
 
+/// A request to admit: its id, prompt tokens and sampling.
+pub struct NewRequest<'a> {
+    pub id: usize,
+    pub prompt: &'a [i32],
+    pub sampling: &'a Sampling,
+}
+
+/// Where an admitted request sits while its prompt is decoded.
+struct Admission {
+    /// Index among the requests given.
+    index: usize,
+    seq: usize,
+    /// Prompt tokens the prefix cache supplies.
+    cached: usize,
+    logits_row: i32,
+}
+
 /// A templated prefix kept decoded in the sequence after the request slots;
 /// prompts that start with it share its cache cells instead of decoding it.
 struct PrefixCache {
@@ -270,6 +287,10 @@ impl<'c, 'm> Engine<'c, 'm> {
         self.stats
     }
 
+    pub fn free_slots(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_none()).count()
+    }
+
     pub fn has_free_slot(&self) -> bool {
         self.slots.iter().any(Option::is_none)
     }
@@ -294,53 +315,146 @@ impl<'c, 'm> Engine<'c, 'm> {
     /// Gates and prefills a new request `id` in the lowest free sequence and
     /// samples its first token. Needs a free slot.
     pub fn admit(&mut self, id: usize, prompt: &[i32], sampling: &Sampling, on_event: &mut impl FnMut(Event)) -> Result<()> {
-        self.check_fits(prompt.len())?;
-        let seq = self.slots.iter().position(Option::is_none).context("no free slot")?;
+        self.admit_all(&[NewRequest { id, prompt, sampling }], on_event).pop().expect("one result per request")
+    }
+
+    /// Admits several new requests at once, each in a free sequence: with one
+    /// KV cache for all, the prompts that fit share `llama_decode` calls (the
+    /// hook gates each on its own rows). One result per request, in order.
+    pub fn admit_all(&mut self, requests: &[NewRequest], on_event: &mut impl FnMut(Event)) -> Vec<Result<()>> {
         let started = Instant::now();
+        let mut results: Vec<Result<()>> = Vec::new();
+        let mut admitted = Vec::new();
+        for r in requests {
+            let free = (0..self.slots.len()).find(|&s| self.slots[s].is_none() && !admitted.iter().any(|a: &Admission| a.seq == s));
+            match (self.check_fits(r.prompt.len()), free) {
+                (Err(e), _) => results.push(Err(e)),
+                (Ok(()), None) => results.push(Err(anyhow!("no free slot"))),
+                (Ok(()), Some(seq)) => {
+                    admitted.push(Admission { index: results.len(), seq, cached: 0, logits_row: 0 });
+                    results.push(Ok(()));
+                }
+            }
+        }
+        if let Err(e) = self.prefill_all(requests, &mut admitted, &mut results, on_event) {
+            let why = format!("{e:#}");
+            for a in &admitted {
+                if results[a.index].is_ok() && self.slots[a.seq].is_none() {
+                    results[a.index] = Err(anyhow!("{why}"));
+                }
+            }
+        }
+        self.stats.prefill_seconds += started.elapsed().as_secs_f64();
+        results
+    }
+
+    /// Decodes the admitted prompts in groups that fit one batch (a prompt
+    /// longer than a batch goes alone, in chunks), then starts each request.
+    fn prefill_all(&mut self, requests: &[NewRequest], admitted: &mut [Admission], results: &mut [Result<()>], on_event: &mut impl FnMut(Event)) -> Result<()> {
         // The prompt pass gates first, so the hook must hold the shift.
         self.use_control_vector(false)?;
-        let (ctx, batch) = (&mut *self.ctx, &mut self.batch);
-        ctx.seq_rm(seq as i32, -1, -1);
-        ctx.hook_mut().begin_request(seq)?;
-        let tail = ctx.hook().gate().map_or(1, |g| g.offset + 1);
-        let cached = self.prefix.as_ref().map_or(0, |p| p.shared_with(prompt, tail));
-        if let (Some(p), true) = (&self.prefix, cached > 0) {
-            ctx.seq_cp(p.seq as i32, seq as i32, 0, cached as i32);
+        let tail = self.ctx.hook().gate().map_or(1, |g| g.offset + 1);
+        for a in admitted.iter_mut() {
+            let prompt = requests[a.index].prompt;
+            self.ctx.seq_rm(a.seq as i32, -1, -1);
+            self.ctx.hook_mut().begin_request(a.seq)?;
+            a.cached = self.prefix.as_ref().map_or(0, |p| p.shared_with(prompt, tail));
+            if let (Some(p), true) = (&self.prefix, a.cached > 0) {
+                self.ctx.seq_cp(p.seq as i32, a.seq as i32, 0, a.cached as i32);
+            }
         }
-        let single_pass = ctx.hook().single_pass(prompt.len() - cached, batch.capacity());
-        ctx.hook_mut().set_shifter(if single_pass { Shifter::Hook } else { Shifter::GateOnly });
-        let first = prefill(ctx, batch, prompt, cached, seq as i32, tail);
-        ctx.hook_mut().set_shifter(Shifter::Hook);
-        first?;
-        self.stats.prompt_tokens += prompt.len() - cached;
-        if (!single_pass || cached > 0) && ctx.hook().is_steered(seq) {
-            // The gate fired after some steered layers had run, or over cached
-            // unshifted rows: decode again, shifted throughout.
-            ctx.seq_rm(seq as i32, -1, -1);
-            prefill(ctx, batch, prompt, 0, seq as i32, tail)?;
-            self.stats.prompt_tokens += prompt.len();
+        // With a KV stream per sequence llama.cpp regroups a batch's rows by
+        // sequence, so there each prompt gets its own decode.
+        let capacity = self.batch.capacity();
+        let shared = self.ctx.kv_unified();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut filled = capacity;
+        for (k, a) in admitted.iter().enumerate() {
+            let rest = requests[a.index].prompt.len() - a.cached;
+            if !shared || rest > capacity || filled + rest > capacity {
+                groups.push(Vec::new());
+                filled = 0;
+            }
+            groups.last_mut().expect("a group").push(k);
+            filled += rest;
         }
-        let passes = 1 + usize::from((!single_pass || cached > 0) && ctx.hook().is_steered(seq));
-        check_guarded(ctx, seq)?;
-        let hook = ctx.hook();
+        for group in groups {
+            let longest = group.iter().map(|&k| requests[admitted[k].index].prompt.len() - admitted[k].cached).max().unwrap_or(0);
+            let single_pass = self.ctx.hook().single_pass(longest, capacity);
+            self.ctx.hook_mut().set_shifter(if single_pass { Shifter::Hook } else { Shifter::GateOnly });
+            let decoded = self.decode_group(requests, admitted, &group, tail);
+            self.ctx.hook_mut().set_shifter(Shifter::Hook);
+            decoded?;
+            // Start every request whose first pass stands before another
+            // decode overwrites the logits; then decode again, shifted
+            // throughout, each one whose gate fired after some steered layers
+            // had run or over cached unshifted rows.
+            let again: Vec<usize> = group.iter().copied().filter(|&k| (!single_pass || admitted[k].cached > 0) && self.ctx.hook().is_steered(admitted[k].seq)).collect();
+            for &k in group.iter().filter(|k| !again.contains(k)) {
+                let a = &admitted[k];
+                results[a.index] = self.start(&requests[a.index], a.seq, 1, a.logits_row, on_event);
+            }
+            for k in again {
+                let (a, prompt) = (&admitted[k], requests[admitted[k].index].prompt);
+                self.ctx.seq_rm(a.seq as i32, -1, -1);
+                prefill(self.ctx, &mut self.batch, prompt, 0, a.seq as i32, tail)?;
+                self.stats.prompt_tokens += prompt.len();
+                results[a.index] = self.start(&requests[a.index], a.seq, 2, (self.batch.len() - 1) as i32, on_event);
+            }
+        }
+        Ok(())
+    }
+
+    /// One decode of the group's remaining prompt tokens (in chunks for a
+    /// single prompt longer than a batch); records where each one's logits are.
+    fn decode_group(&mut self, requests: &[NewRequest], admitted: &mut [Admission], group: &[usize], tail: usize) -> Result<()> {
+        if let [k] = group {
+            let a = &mut admitted[*k];
+            let prompt = requests[a.index].prompt;
+            prefill(self.ctx, &mut self.batch, prompt, a.cached, a.seq as i32, tail)?;
+            self.stats.prompt_tokens += prompt.len() - a.cached;
+            a.logits_row = (self.batch.len() - 1) as i32;
+            return Ok(());
+        }
+        self.batch.clear();
+        for &k in group {
+            let a = &mut admitted[k];
+            let prompt = requests[a.index].prompt;
+            for i in a.cached..prompt.len() {
+                self.batch.add(prompt[i], i as i32, a.seq as i32, i + 1 == prompt.len());
+            }
+            a.logits_row = (self.batch.len() - 1) as i32;
+            self.stats.prompt_tokens += prompt.len() - a.cached;
+        }
+        self.ctx.hook_mut().plan(&self.batch, &[])?;
+        self.ctx.decode(&mut self.batch).context("prompt decode failed")?;
+        Ok(())
+    }
+
+    /// Checks that the gate ran, fills the request's slot, reports it started
+    /// and samples its first token (the next decode overwrites its logits).
+    fn start(&mut self, request: &NewRequest, seq: usize, passes: usize, logits_row: i32, on_event: &mut impl FnMut(Event)) -> Result<()> {
+        if let Err(e) = check_guarded(self.ctx, seq) {
+            self.ctx.seq_rm(seq as i32, -1, -1);
+            return Err(e);
+        }
+        let hook = self.ctx.hook();
         let steered = hook.is_steered(seq);
-        on_event(Event::Started { request: id, gate: hook.decision(seq), steered });
+        on_event(Event::Started { request: request.id, gate: hook.decision(seq), steered });
         self.slots[seq] = Some(Slot {
-            id,
-            prompt_len: prompt.len(),
+            id: request.id,
+            prompt_len: request.prompt.len(),
             prefill_passes: passes,
             tokens: Vec::new(),
             bytes: Vec::new(),
             emitted: 0,
-            sampler: sampling.sampler(steered, |multiplier| self.dry.get(self.model, multiplier)),
-            greedy: sampling.temperature <= 0.0,
-            logits_row: (batch.len() - 1) as i32,
-            budget: sampling.max_tokens.min(self.room - prompt.len()),
+            sampler: request.sampling.sampler(steered, |multiplier| self.dry.get(self.model, multiplier)),
+            greedy: request.sampling.temperature <= 0.0,
+            logits_row,
+            budget: request.sampling.max_tokens.min(self.room - request.prompt.len()),
         });
-        // Sample its first token now: the next prompt decode overwrites these logits.
         let sampled = self.sample(seq, on_event)?;
         self.stats.generated_tokens += sampled as usize;
-        self.stats.prefill_seconds += started.elapsed().as_secs_f64();
         Ok(())
     }
 

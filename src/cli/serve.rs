@@ -44,9 +44,10 @@ pub struct ServeArgs {
     pub header_timeout: u64,
     /// Answers that do not depend on the batch: a harmless greedy answer is
     /// token-identical to the same request served alone. Costs speed: weight
-    /// repacking off, a KV stream per request, at most 4 requests per decode, no
-    /// prompt-prefix cache (Qwen 0.5B, 2 cores: 0.90x the default's tokens/s one
-    /// client at a time, 0.74x under 16 clients; see the README)
+    /// repacking off, a KV stream per request, each prompt prefilled alone, at
+    /// most 4 requests per decode, no prompt-prefix cache (Qwen 0.5B, 2 cores:
+    /// 0.89x the default's tokens/s one client at a time, 0.71x under 16
+    /// clients; see the README)
     #[arg(long)]
     pub deterministic: bool,
     /// Serve Prometheus metrics at /metrics (requests, tokens, gate decisions and scores, queue depth)

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use tokio::sync::mpsc;
 
 use super::{ApiError, Input, Job, Metrics, Reply, Task};
-use crate::generate::{Engine, Event, Sampling};
+use crate::generate::{Engine, Event, NewRequest, Sampling};
 use crate::llama::{Context, Model};
 use crate::prompts::{tokenize, Template};
 use crate::steer::{Mode, SteerHook};
@@ -99,8 +99,10 @@ pub fn run_engine<'m>(
     let mut live: HashMap<usize, Live> = HashMap::new();
     let mut next_id = 0;
     loop {
-        while engine.has_free_slot() {
-            let job = if engine.is_idle() {
+        // Every request that waits and fits joins now; their prompts share decode calls.
+        let mut pending: Vec<(usize, Vec<i32>, Sampling)> = Vec::new();
+        while pending.len() < engine.free_slots() {
+            let job = if engine.is_idle() && pending.is_empty() {
                 match jobs.recv() {
                     Ok(job) => job,
                     Err(_) => return Ok(()),
@@ -112,45 +114,18 @@ pub fn run_engine<'m>(
                 }
             };
             metrics.queue_depth.dec();
-            if job.replies.is_closed() {
-                continue;
-            }
-            if let Task::Render = job.task {
-                let reply = render(model, template, &job.input).map(|(text, tokens)| Reply::Rendered { text, tokens });
-                let _ = job.replies.send(reply.unwrap_or_else(|e| Reply::Rejected(ApiError::bad_request(format!("{e:#}")).with_code("invalid_prompt"))));
-                continue;
-            }
-            let tokens = match prompt_tokens(model, template, &job.input) {
-                Ok(tokens) => tokens,
-                Err(e) => {
-                    let _ = job.replies.send(Reply::Rejected(ApiError::bad_request(format!("{e:#}")).with_code("invalid_prompt")));
-                    continue;
-                }
-            };
-            if let Err(e) = engine.check_fits(tokens.len()) {
-                let _ = job.replies.send(Reply::Rejected(ApiError::bad_request(format!("{e:#}")).with_code("context_length_exceeded")));
-                continue;
-            }
-            metrics.request(job.task.kind(), tokens.len());
-            let (sampling, stop) = match job.task {
-                Task::Generate { sampling, stop } => (sampling, stop),
-                Task::Render => unreachable!("answered above"),
-                Task::Moderate => {
-                    let reply = engine.moderate(&tokens).map(|d| {
-                        metrics.gated(Some(d));
-                        Reply::Moderated(d)
-                    });
-                    let _ = job.replies.send(reply.unwrap_or_else(|e| Reply::Rejected(guard_failed(e))));
-                    continue;
-                }
-            };
-            let id = next_id;
+            let Some((replies, tokens, sampling, stop)) = intake(model, template, &mut engine, metrics, job) else { continue };
+            live.insert(next_id, Live { replies, stop, text: String::new(), sent: 0, stopped: false, prompt_tokens: tokens.len() });
+            pending.push((next_id, tokens, sampling));
             next_id += 1;
-            live.insert(id, Live { replies: job.replies, stop, text: String::new(), sent: 0, stopped: false, prompt_tokens: tokens.len() });
-            if let Err(e) = engine.admit(id, &tokens, &sampling, &mut |event| on_event(&mut live, metrics, event)) {
+        }
+        let requests: Vec<NewRequest> = pending.iter().map(|(id, prompt, sampling)| NewRequest { id: *id, prompt, sampling }).collect();
+        let results = engine.admit_all(&requests, &mut |event| on_event(&mut live, metrics, event));
+        for ((id, _, _), result) in pending.iter().zip(results) {
+            if let Err(e) = result {
                 // A request the guard could not gate is answered with an error, never unguarded.
-                engine.finish(id);
-                if let Some(l) = live.remove(&id) {
+                engine.finish(*id);
+                if let Some(l) = live.remove(id) {
                     let _ = l.replies.send(Reply::Rejected(guard_failed(e)));
                 }
             }
@@ -175,6 +150,43 @@ fn template_prefix(model: &Model, template: &Template) -> Result<Vec<i32>> {
     let [a, b] = ["a", "b"].map(|text| prompt_tokens(model, template, &Input::Chat(vec![("user".into(), text.into())])));
     let (a, b) = (a?, b?);
     Ok(a.iter().zip(&b).take_while(|(x, y)| x == y).map(|(x, _)| *x).collect())
+}
+
+/// Answers a job that needs no sequence of its own (a template render, a
+/// moderation, a bad prompt) at once; returns what a generation needs.
+fn intake(model: &Model, template: &Template, engine: &mut Engine, metrics: &Metrics, job: Job) -> Option<(mpsc::UnboundedSender<Reply>, Vec<i32>, Sampling, Vec<String>)> {
+    if job.replies.is_closed() {
+        return None;
+    }
+    let answer = |reply: Reply| {
+        let _ = job.replies.send(reply);
+        None
+    };
+    if let Task::Render = job.task {
+        return answer(match render(model, template, &job.input) {
+            Ok((text, tokens)) => Reply::Rendered { text, tokens },
+            Err(e) => Reply::Rejected(ApiError::bad_request(format!("{e:#}")).with_code("invalid_prompt")),
+        });
+    }
+    let tokens = match prompt_tokens(model, template, &job.input) {
+        Ok(tokens) => tokens,
+        Err(e) => return answer(Reply::Rejected(ApiError::bad_request(format!("{e:#}")).with_code("invalid_prompt"))),
+    };
+    if let Err(e) = engine.check_fits(tokens.len()) {
+        return answer(Reply::Rejected(ApiError::bad_request(format!("{e:#}")).with_code("context_length_exceeded")));
+    }
+    metrics.request(job.task.kind(), tokens.len());
+    match job.task {
+        Task::Generate { sampling, stop } => Some((job.replies, tokens, sampling, stop)),
+        Task::Render => None,
+        Task::Moderate => answer(match engine.moderate(&tokens) {
+            Ok(d) => {
+                metrics.gated(Some(d));
+                Reply::Moderated(d)
+            }
+            Err(e) => Reply::Rejected(guard_failed(e)),
+        }),
+    }
 }
 
 fn guard_failed(e: anyhow::Error) -> ApiError {
