@@ -25,12 +25,17 @@ const _: () =
 /// The process-wide llama.cpp backend. llama.cpp's own logging is silenced
 /// unless `INFERALIGN_LLAMA_LOG` is set, so our errors stay readable.
 pub fn backend() -> &'static LlamaBackend {
-    BACKEND.get_or_init(|| {
-        let mut backend = LlamaBackend::init().expect("llama.cpp backend initialises once");
-        if std::env::var_os("INFERALIGN_LLAMA_LOG").is_none() {
-            backend.void_logs();
+    BACKEND.get_or_init(|| match LlamaBackend::init() {
+        Ok(mut backend) => {
+            if std::env::var_os("INFERALIGN_LLAMA_LOG").is_none() {
+                backend.void_logs();
+            }
+            backend
         }
-        backend
+        // A host in this process already initialised llama.cpp through
+        // llama-cpp-2: it stays the host's. This token only proves it, and as
+        // a static it is never dropped, so it never frees the host's backend.
+        Err(_) => LlamaBackend {},
     })
 }
 
