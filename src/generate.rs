@@ -353,15 +353,10 @@ impl<'c, 'm> Engine<'c, 'm> {
     fn prefill_all(&mut self, requests: &[NewRequest], admitted: &mut [Admission], results: &mut [Result<()>], on_event: &mut impl FnMut(Event)) -> Result<()> {
         // The prompt pass gates first, so the hook must hold the shift.
         self.use_control_vector(false)?;
-        let tail = self.ctx.hook().gate().map_or(1, |g| g.offset + 1);
+        let tail = self.gate_tail();
         for a in admitted.iter_mut() {
-            let prompt = requests[a.index].prompt;
-            self.ctx.seq_rm(a.seq as i32, -1, -1);
+            a.cached = self.share_prefix(a.seq, requests[a.index].prompt, tail);
             self.ctx.hook_mut().begin_request(a.seq)?;
-            a.cached = self.prefix.as_ref().map_or(0, |p| p.shared_with(prompt, tail));
-            if let (Some(p), true) = (&self.prefix, a.cached > 0) {
-                self.ctx.seq_cp(p.seq as i32, a.seq as i32, 0, a.cached as i32);
-            }
         }
         // With a KV stream per sequence llama.cpp regroups a batch's rows by
         // sequence, so there each prompt gets its own decode.
@@ -403,6 +398,23 @@ impl<'c, 'm> Engine<'c, 'm> {
             }
         }
         Ok(())
+    }
+
+    /// Prompt tokens that must share the last decode call: the one the gate
+    /// reads (its offset before the last) through the last.
+    fn gate_tail(&self) -> usize {
+        self.ctx.hook().gate().map_or(1, |g| g.offset + 1)
+    }
+
+    /// Empties `seq` for a new prompt and shares into it the cached prefix
+    /// cells `prompt` starts with; returns how many tokens the cache supplies.
+    fn share_prefix(&mut self, seq: usize, prompt: &[i32], tail: usize) -> usize {
+        self.ctx.seq_rm(seq as i32, -1, -1);
+        let cached = self.prefix.as_ref().map_or(0, |p| p.shared_with(prompt, tail));
+        if let (Some(p), true) = (&self.prefix, cached > 0) {
+            self.ctx.seq_cp(p.seq as i32, seq as i32, 0, cached as i32);
+        }
+        cached
     }
 
     /// One decode of the group's remaining prompt tokens (in chunks for a
@@ -464,15 +476,11 @@ impl<'c, 'm> Engine<'c, 'm> {
         self.check_fits(prompt.len())?;
         let seq = self.slots.iter().position(Option::is_none).context("no free slot")?;
         self.use_control_vector(false)?;
-        let (ctx, batch) = (&mut *self.ctx, &mut self.batch);
-        ctx.seq_rm(seq as i32, -1, -1);
-        ctx.hook_mut().begin_gate_only(seq)?;
-        let tail = ctx.hook().gate().map_or(1, |g| g.offset + 1);
+        let tail = self.gate_tail();
         // Cached rows are unshifted, which is all a gate-only pass needs.
-        let cached = self.prefix.as_ref().map_or(0, |p| p.shared_with(prompt, tail));
-        if let (Some(p), true) = (&self.prefix, cached > 0) {
-            ctx.seq_cp(p.seq as i32, seq as i32, 0, cached as i32);
-        }
+        let cached = self.share_prefix(seq, prompt, tail);
+        let (ctx, batch) = (&mut *self.ctx, &mut self.batch);
+        ctx.hook_mut().begin_gate_only(seq)?;
         ctx.hook_mut().set_shifter(Shifter::GateOnly);
         // Nothing past the gate layer is used: not the logits, not the deeper
         // cache (the sequence is removed right after).

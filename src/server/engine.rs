@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use tokio::sync::mpsc;
 
 use super::{ApiError, Input, Job, Metrics, Reply, Task};
+use crate::capture::shared_prefix_len;
 use crate::generate::{Engine, Event, NewRequest, Sampling};
 use crate::llama::{Context, Model};
 use crate::prompts::{tokenize, Template};
@@ -148,8 +149,11 @@ pub fn run_engine<'m>(
 /// The tokens every chat prompt starts with (system prompt, user header).
 fn template_prefix(model: &Model, template: &Template) -> Result<Vec<i32>> {
     let [a, b] = ["a", "b"].map(|text| prompt_tokens(model, template, &Input::Chat(vec![("user".into(), text.into())])));
-    let (a, b) = (a?, b?);
-    Ok(a.iter().zip(&b).take_while(|(x, y)| x == y).map(|(x, _)| *x).collect())
+    let prompts = [a?, b?];
+    let shared = shared_prefix_len(&prompts);
+    let [mut prefix, _] = prompts;
+    prefix.truncate(shared);
+    Ok(prefix)
 }
 
 /// Answers a job that needs no sequence of its own (a template render, a
