@@ -99,8 +99,7 @@ impl GuardConfig {
     /// A vector file that fits the model: its shape, and its architecture unless `any_model`.
     fn read(&self, path: &Path, shape: &ModelShape) -> Result<VectorFile> {
         let file = VectorFile::read(path)?;
-        file.check_dims(shape.n_embd, shape.n_layer)
-            .and_then(|()| if self.any_model { Ok(()) } else { file.check_arch(&shape.arch) })
+        file.check_shape(shape, self.any_model)
             .with_context(|| format!("vector file {} does not fit this model", path.display()))?;
         Ok(file)
     }

@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+use crate::guard::ModelShape;
 use crate::llama::{GgufFile, GgufValue, GgufWriter, Model};
 
 const PREFIX: &str = "inferalign.";
@@ -144,26 +145,18 @@ impl VectorFile {
         read_file(path).with_context(|| format!("invalid vector file {}", path.display()))
     }
 
-    /// Fails unless the vectors fit `model`: the architecture they were made
-    /// for, and its shape (see [`check_dims`](Self::check_dims)).
+    /// Fails unless the vectors fit `model` (see [`check_shape`](Self::check_shape)).
     pub fn check_fits(&self, model: &Model, path: &Path) -> Result<()> {
-        let arch = model.meta("general.architecture").unwrap_or_default();
-        self.check_dims(model.n_embd(), model.n_layer())
-            .and_then(|()| self.check_arch(&arch))
+        self.check_shape(&ModelShape::of(model), false)
             .with_context(|| format!("vector file {} does not fit model {}", path.display(), model.path.display()))
     }
 
-    /// The architecture recorded in the file (llama.cpp's `model_hint`) must be
-    /// the model's: a file of another model padded to this shape is refused.
-    pub fn check_arch(&self, arch: &str) -> Result<()> {
-        if !self.model_hint.is_empty() && !arch.is_empty() && self.model_hint != arch {
-            bail!("the vectors were made for a {} model, this one is {arch} (pass --any-model to use them anyway)", self.model_hint);
-        }
-        Ok(())
-    }
-
-    /// As [`check_fits`](Self::check_fits), for a model of `n_embd` and `n_layer`.
-    pub fn check_dims(&self, n_embd: usize, n_layer: usize) -> Result<()> {
+    /// Fails unless the vectors fit a model of this shape: its width, layers
+    /// that exist, the same depth when the file records it, and, unless
+    /// `any_model`, the architecture recorded in the file (llama.cpp's
+    /// `model_hint`), so a file of another model padded to this shape is refused.
+    pub fn check_shape(&self, shape: &ModelShape, any_model: bool) -> Result<()> {
+        let (n_embd, n_layer, arch) = (shape.n_embd, shape.n_layer, shape.arch.as_str());
         if self.n_embd != n_embd {
             bail!("n_embd is {} in the vectors but {n_embd} in the model", self.n_embd);
         }
@@ -176,6 +169,9 @@ impl VectorFile {
             if cal.model.n_layer != n_layer {
                 bail!("the vectors were made for a {}-layer model, this one has {n_layer} layers", cal.model.n_layer);
             }
+        }
+        if !any_model && !self.model_hint.is_empty() && !arch.is_empty() && self.model_hint != arch {
+            bail!("the vectors were made for a {} model, this one is {arch} (pass --any-model to use them anyway)", self.model_hint);
         }
         Ok(())
     }

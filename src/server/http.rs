@@ -45,6 +45,11 @@ impl ApiError {
         ApiError { status, message: message.into(), kind: "server_error", code: None }
     }
 
+    /// The engine thread ended before answering.
+    fn engine_gone() -> ApiError {
+        ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped")
+    }
+
     pub(super) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::invalid(StatusCode::BAD_REQUEST, message)
     }
@@ -150,7 +155,7 @@ async fn rendered(state: &AppState, input: Input) -> Result<(String, Vec<i32>), 
     match rx.recv().await {
         Some(Reply::Rendered { text, tokens }) => Ok((text, tokens)),
         Some(Reply::Rejected(e)) => Err(e),
-        _ => Err(ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped")),
+        _ => Err(ApiError::engine_gone()),
     }
 }
 
@@ -396,7 +401,7 @@ async fn moderations(State(state): State<AppState>, raw: Result<Bytes, BytesReje
         match rx.recv().await {
             Some(Reply::Moderated(d)) => results.push(moderation_result(d)),
             Some(Reply::Rejected(e)) => return Err(e),
-            _ => return Err(ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped")),
+            _ => return Err(ApiError::engine_gone()),
         }
     }
     Ok(Json(json!({"id": format!("modr-{}", rand::random::<u64>()), "model": state.model_id, "results": results})))
@@ -457,8 +462,7 @@ async fn respond(state: AppState, input: Input, options: Options, kind: Kind) ->
     let (replies, mut rx) = mpsc::unbounded_channel();
     let job = Job { input, task: Task::Generate { sampling, stop: options.stop() }, replies };
     state.submit(job)?;
-    let engine_gone = || ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped");
-    let (gate, steered, prompt_tokens) = match rx.recv().await.ok_or_else(engine_gone)? {
+    let (gate, steered, prompt_tokens) = match rx.recv().await.ok_or_else(ApiError::engine_gone)? {
         Reply::Started { gate, steered, prompt_tokens } => (gate, steered, prompt_tokens),
         Reply::Rejected(e) => return Err(e),
         other => unreachable!("a request starts with Started or Rejected, not {other:?}"),
@@ -491,7 +495,7 @@ async fn respond(state: AppState, input: Input, options: Options, kind: Kind) ->
                 other => unreachable!("unexpected {other:?} after Started"),
             }
         }
-        return Err(engine_gone());
+        return Err(ApiError::engine_gone());
     }
 
     let include_usage = options.stream_options.is_some_and(|o| o.include_usage);
