@@ -110,7 +110,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         body.to_string()
     };
     let (n2, tools, json_format) = (with(json!({"n": 2})), with(json!({"tools": [{"type": "function"}]})), with(json!({"response_format": {"type": "json_object"}})));
-    let cases: [(Option<&str>, &str, u16, &str); 13] = [
+    let cases: [(Option<&str>, &str, u16, &str); 14] = [
         (None, &good, 401, "API key"),
         (Some("wrong"), &good, 401, "API key"),
         (Some("s3cret"), "{\"messages\": [", 400, "not valid JSON"),
@@ -121,6 +121,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         (Some("s3cret"), &long_prompt, 400, "leaves no room"),
         (Some("s3cret"), &many, 400, "messages is more than"),
         (Some("s3cret"), &huge, 413, "length limit"),
+        (Some("wrong"), &huge, 413, "length limit"),
         (Some("s3cret"), &n2, 400, "n other than 1"),
         (Some("s3cret"), &tools, 400, "tools is not supported"),
         (Some("s3cret"), &json_format, 400, "response_format"),

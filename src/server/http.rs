@@ -127,7 +127,54 @@ pub fn router(jobs: std_mpsc::SyncSender<Job>, options: ServeOptions) -> Router 
     let api = api.route_layer(middleware::from_fn_with_state(options.api_key, check_api_key));
     api.route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .fallback(|| async { ApiError::invalid(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(middleware::from_fn(read_body))
         .with_state(state)
+}
+
+/// Request bodies above this get a 413 (axum's own default limit).
+const BODY_LIMIT: usize = 2 << 20;
+/// How much of a too-large body is read and dropped before the 413: a client
+/// still sending when the server closes gets a reset, not the error.
+const DRAIN_LIMIT: usize = 64 << 20;
+/// Time a client has to send its body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Buffers the body within `BODY_LIMIT` before anything else answers, so
+/// every early answer (401, 413) reaches a client that is still sending.
+async fn read_body(request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let declared = parts.headers.get("content-length").and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > DRAIN_LIMIT) {
+        return too_large().into_response();
+    }
+    match tokio::time::timeout(BODY_TIMEOUT, collect_within(body, BODY_LIMIT, DRAIN_LIMIT)).await {
+        Err(_) => ApiError::invalid(StatusCode::REQUEST_TIMEOUT, format!("the request body took longer than {}s to arrive", BODY_TIMEOUT.as_secs())).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+    }
+}
+
+/// The body if it fits in `limit`; past that it is read and dropped up to `drain`.
+async fn collect_within(body: axum::body::Body, limit: usize, drain: usize) -> Result<Vec<u8>, ApiError> {
+    let mut stream = body.into_data_stream();
+    let (mut kept, mut seen) = (Vec::new(), 0usize);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::invalid(StatusCode::BAD_REQUEST, format!("could not read the request body: {e}")))?;
+        seen += chunk.len();
+        if seen <= limit {
+            kept.extend_from_slice(&chunk);
+        } else if seen > drain {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(too_large());
+    }
+    Ok(kept)
+}
+
+fn too_large() -> ApiError {
+    ApiError::invalid(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over the length limit of {} MiB: send a shorter one", BODY_LIMIT >> 20))
 }
 
 async fn check_api_key(State(key): State<Option<String>>, request: Request, next: Next) -> Response {
