@@ -64,6 +64,9 @@ pub struct ExtractBench {
     /// Runs per mode (the median is reported)
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Also time stock llama.cpp `llama-cvector-generator --method mean` (the whole process) on the same templated prompts, taken alternately as positive and negative
+    #[arg(long, value_name = "PATH")]
+    cvector_generator: Option<PathBuf>,
     /// Print one JSON object
     #[arg(long)]
     json: bool,
@@ -123,13 +126,20 @@ fn extract_bench(args: ExtractBench) -> Result<()> {
         true,
     )?;
     let hidden = ProgressBar::hidden();
+    let stock = match &args.cvector_generator {
+        Some(tool) => Some(StockRun::new(tool, &model, &template, &prompts, &params)?),
+        None => None,
+    };
 
-    let (mut plain_runs, mut capture_runs, mut extract_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut plain_runs, mut capture_runs, mut extract_runs, mut stock_runs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..args.runs {
         eprintln!("run {}/{}", run + 1, args.runs);
         plain_runs.push(decode_prompts(&mut plain, &tokens, &[0], false, &hidden)?);
         capture_runs.push(capture(&mut hooked, &tokens, &[0], false, &hidden)?.1);
         extract_runs.push(capture(&mut hooked, &tokens, &[0], true, &hidden)?.1);
+        if let Some(stock) = &stock {
+            stock_runs.push(stock.seconds()?);
+        }
     }
     let modes = [
         mode("plain prefill (no callback)", &plain_runs),
@@ -137,7 +147,7 @@ fn extract_bench(args: ExtractBench) -> Result<()> {
         mode("extract (capture + prefix reuse)", &extract_runs),
     ];
     let base = &modes[0];
-    let report = serde_json::json!({
+    let mut report = serde_json::json!({
         "model": model.path.display().to_string(),
         "prompts": prompts.len(),
         "threads": params.n_threads,
@@ -148,6 +158,11 @@ fn extract_bench(args: ExtractBench) -> Result<()> {
         "extract_throughput_ratio": modes[2].median_tokens_per_second / base.median_tokens_per_second,
         "extract_wall_time_ratio": modes[2].median_seconds / base.median_seconds,
     });
+    let stock_seconds = (!stock_runs.is_empty()).then(|| median(stock_runs.clone()));
+    if let Some(seconds) = stock_seconds {
+        report["stock_cvector_generator"] = serde_json::json!({"median_seconds": seconds, "runs_seconds": stock_runs});
+        report["extract_vs_stock_wall_time_ratio"] = (modes[2].median_seconds / seconds).into();
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -165,7 +180,57 @@ fn extract_bench(args: ExtractBench) -> Result<()> {
             m.median_seconds / base.median_seconds
         );
     }
+    if let Some(seconds) = stock_seconds {
+        println!("{:<34} {:>8} {:>10.2} {:>10} {:>8} {:>8.3}", "stock llama-cvector-generator", "-", seconds, "-", "-", seconds / base.median_seconds);
+        println!("extract / stock wall time: {:.3}", modes[2].median_seconds / seconds);
+    }
     Ok(())
+}
+
+/// Stock `llama-cvector-generator --method mean` over the benchmark's
+/// templated prompts, written as the positive and negative files it reads.
+struct StockRun {
+    tool: PathBuf,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl StockRun {
+    fn new(tool: &std::path::Path, model: &inferalign::llama::Model, template: &inferalign::prompts::Template, prompts: &[String], params: &inferalign::llama::ContextParams) -> Result<StockRun> {
+        anyhow::ensure!(prompts.len() % 2 == 0, "--cvector-generator pairs the prompts: give an even --count");
+        let dir = tempfile::tempdir()?;
+        // The tool reads one prompt a line, with `\n` standing for a newline.
+        let texts = prompts.iter().map(|p| Ok(template.apply_chat(model, &[("user", p)])?.replace('\n', "\\n"))).collect::<Result<Vec<_>>>()?;
+        for (name, parity) in [("positive.txt", 0), ("negative.txt", 1)] {
+            let lines: Vec<&str> = texts.iter().skip(parity).step_by(2).map(String::as_str).collect();
+            std::fs::write(dir.path().join(name), lines.join("\n") + "\n")?;
+        }
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let args = vec![
+            "-m".into(), model.path.display().to_string(),
+            "--positive-file".into(), path("positive.txt"),
+            "--negative-file".into(), path("negative.txt"),
+            "--method".into(), "mean".into(),
+            "-t".into(), params.n_threads.to_string(),
+            "-c".into(), params.n_ctx.to_string(),
+            "-o".into(), path("out.gguf"),
+        ];
+        Ok(StockRun { tool: tool.to_path_buf(), dir, args })
+    }
+
+    /// Wall time of one whole run of the tool, model load included.
+    fn seconds(&self) -> Result<f64> {
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new(&self.tool)
+            .args(&self.args)
+            .current_dir(self.dir.path())
+            .output()
+            .map_err(|e| anyhow::anyhow!("could not run {}: {e}; pass the path of a built llama-cvector-generator", self.tool.display()))?;
+        let seconds = started.elapsed().as_secs_f64();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        anyhow::ensure!(out.status.success(), "{} failed ({}): {}", self.tool.display(), out.status, stderr.lines().last().unwrap_or(""));
+        Ok(seconds)
+    }
 }
 
 #[derive(Serialize)]
