@@ -231,6 +231,10 @@ fn a_gate_that_cannot_decide_fails_closed() {
             "{mode:?}: {err}"
         );
     }
+    // The server's start-up check on the same context: it stops before listening.
+    let mut ctx = Context::new(&setup.model, &ContextParams::default(), setup.hook(Mode::Gated, None, 4.0, &[10]), false).unwrap();
+    let err = format!("{:#}", inferalign::server::warm_up(&setup.model, &setup.template, &mut ctx).unwrap_err());
+    assert!(err.contains("warm-up request failed") && err.contains("never reached the guard"), "{err}");
     // Sequence ids beyond what the hook tracks are an error, not an unguarded request.
     let gate = Gate::from_file(&setup.vectors, Some(2), None).unwrap();
     let steering = Steering::new(
