@@ -37,12 +37,6 @@ const DRY_WINDOW: i32 = 1024;
 /// than the shift itself; DRY only lowers logits, so a short list decides
 /// unless it pushes every listed token down to the level of those left out.
 const GREEDY_SHORTLIST: usize = 64;
-/// Fewest tokens left to a steered answer for llama.cpp's control vector to
-/// take over the shift. Switching it on and off makes llama.cpp reserve its
-/// compute graph again (~30 ms for both on Qwen 0.5B, 2 CPU cores), while the
-/// hook's shift costs ~0.75 ms a token: the switch pays for itself from ~40 tokens.
-const HANDOFF_MIN_TOKENS: usize = 48;
-
 impl Default for Sampling {
     fn default() -> Self {
         Sampling { max_tokens: 128, temperature: 0.0, top_k: 40, top_p: 0.95, seed: 42, steered_dry: DEFAULT_STEERED_DRY }
@@ -375,16 +369,14 @@ impl<'c, 'm> Engine<'c, 'm> {
         }
         for group in groups {
             let longest = group.iter().map(|&k| requests[admitted[k].index].prompt.len() - admitted[k].cached).max().unwrap_or(0);
-            let single_pass = self.ctx.hook().single_pass(longest, capacity);
-            self.ctx.hook_mut().set_shifter(if single_pass { Shifter::Hook } else { Shifter::GateOnly });
+            let shifter = self.ctx.hook().prompt_shifter(longest, capacity);
+            self.ctx.hook_mut().set_shifter(shifter);
             let decoded = self.decode_group(requests, admitted, &group, tail);
             self.ctx.hook_mut().set_shifter(Shifter::Hook);
             decoded?;
             // Start every request whose first pass stands before another
-            // decode overwrites the logits; then decode again, shifted
-            // throughout, each one whose gate fired after some steered layers
-            // had run or over cached unshifted rows.
-            let again: Vec<usize> = group.iter().copied().filter(|&k| (!single_pass || admitted[k].cached > 0) && self.ctx.hook().is_steered(admitted[k].seq)).collect();
+            // decode overwrites the logits; then decode the others again.
+            let again: Vec<usize> = group.iter().copied().filter(|&k| self.ctx.hook().decode_again(admitted[k].seq, shifter, admitted[k].cached)).collect();
             for &k in group.iter().filter(|k| !again.contains(k)) {
                 let a = &admitted[k];
                 results[a.index] = self.start(&requests[a.index], a.seq, 1, a.logits_row, on_event);
@@ -509,10 +501,9 @@ impl<'c, 'm> Engine<'c, 'm> {
             if self.ctx.kv_unified() { vec![&live[..]] } else { live.chunk_by(|a, b| b == &(a + 1)).collect() };
         let max_rows = self.max_rows;
         for run in runs.into_iter().flat_map(|r| r.chunks(max_rows)) {
-            let hook = self.ctx.hook();
-            let all_steered = run.iter().all(|&seq| hook.is_steered(seq));
-            let long_enough = |&seq: &usize| self.slots[seq].as_ref().is_some_and(|s| s.budget.saturating_sub(s.tokens.len()) >= HANDOFF_MIN_TOKENS);
-            self.use_control_vector(all_steered && (self.ctx.has_control_vector() || run.iter().all(long_enough)))?;
+            let left = |seq: usize| self.slots[seq].as_ref().map_or(0, |s| s.budget.saturating_sub(s.tokens.len()));
+            let hand_off = self.ctx.hook().hands_off(run, self.ctx.has_control_vector(), left);
+            self.use_control_vector(hand_off)?;
             self.batch.clear();
             for &seq in run {
                 let slot = self.slots[seq].as_mut().expect("live");
@@ -531,25 +522,8 @@ impl<'c, 'm> Engine<'c, 'm> {
         Ok(())
     }
 
-    /// When every row of a decode call is steered, llama.cpp's own control
-    /// vector can add the shift inside the graph: the hook then asks for no
-    /// tensor, and the step runs without the graph splits a callback costs.
-    /// The context may come with the vector set by an earlier engine; in plain
-    /// mode it belongs to the caller and stays as it is.
     fn use_control_vector(&mut self, on: bool) -> Result<()> {
-        if self.ctx.hook().mode() == Mode::Plain || on == self.ctx.has_control_vector() {
-            return Ok(());
-        }
-        if on {
-            let steering = self.ctx.hook().steering();
-            let data = steering.as_control_vector(self.model.n_embd());
-            let (first, last) = (steering.first_layer() as i32, *steering.layers.last().expect("steered layers") as i32);
-            self.ctx.set_control_vector(Some((&data, self.model.n_embd(), first, last)))?;
-        } else {
-            self.ctx.set_control_vector(None)?;
-        }
-        self.ctx.hook_mut().set_shifter(if on { Shifter::ControlVector } else { Shifter::Hook });
-        Ok(())
+        crate::steer::use_control_vector(self.ctx, self.model.n_embd(), on)
     }
 
     /// Runs every prompt to completion, reporting through `on_event`.
