@@ -352,22 +352,8 @@ impl<'c, 'm> Engine<'c, 'm> {
             a.cached = self.share_prefix(a.seq, requests[a.index].prompt, tail);
             self.ctx.hook_mut().begin_request(a.seq)?;
         }
-        // With a KV stream per sequence llama.cpp regroups a batch's rows by
-        // sequence, so there each prompt gets its own decode.
         let capacity = self.batch.capacity();
-        let shared = self.ctx.kv_unified();
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut filled = capacity;
-        for (k, a) in admitted.iter().enumerate() {
-            let rest = requests[a.index].prompt.len() - a.cached;
-            if !shared || rest > capacity || filled + rest > capacity {
-                groups.push(Vec::new());
-                filled = 0;
-            }
-            groups.last_mut().expect("a group").push(k);
-            filled += rest;
-        }
-        for group in groups {
+        for group in self.groups(requests, admitted) {
             let longest = group.iter().map(|&k| requests[admitted[k].index].prompt.len() - admitted[k].cached).max().unwrap_or(0);
             let shifter = self.ctx.hook().prompt_shifter(longest, capacity);
             self.ctx.hook_mut().set_shifter(shifter);
@@ -394,6 +380,26 @@ impl<'c, 'm> Engine<'c, 'm> {
 
     /// Prompt tokens that must share the last decode call: the one the gate
     /// reads (its offset before the last) through the last.
+    /// The admitted prompts in groups whose remaining tokens fit one decode
+    /// call; a prompt longer than a batch is a group alone. With a KV stream
+    /// per sequence llama.cpp regroups a batch's rows by sequence, so there
+    /// each prompt is a group.
+    fn groups(&self, requests: &[NewRequest], admitted: &[Admission]) -> Vec<Vec<usize>> {
+        let (capacity, shared) = (self.batch.capacity(), self.ctx.kv_unified());
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut filled = capacity;
+        for (k, a) in admitted.iter().enumerate() {
+            let rest = requests[a.index].prompt.len() - a.cached;
+            if !shared || rest > capacity || filled + rest > capacity {
+                groups.push(Vec::new());
+                filled = 0;
+            }
+            groups.last_mut().expect("a group").push(k);
+            filled += rest;
+        }
+        groups
+    }
+
     fn gate_tail(&self) -> usize {
         self.ctx.hook().gate().map_or(1, |g| g.offset + 1)
     }
@@ -462,32 +468,66 @@ impl<'c, 'm> Engine<'c, 'm> {
         Ok(())
     }
 
-    /// Runs the gate alone on `prompt` in a free sequence, with no shift and no
-    /// answer, and frees the sequence again. Needs a free slot.
-    pub fn moderate(&mut self, prompt: &[i32]) -> Result<GateDecision> {
-        self.check_fits(prompt.len())?;
-        let seq = self.slots.iter().position(Option::is_none).context("no free slot")?;
+    /// Runs the gate alone on each prompt, with no shift and no answer: as
+    /// many at once as there are free slots, sharing decode calls, each slot
+    /// freed again after. Needs a free slot.
+    pub fn moderate_all(&mut self, prompts: &[&[i32]]) -> Vec<Result<GateDecision>> {
+        let free: Vec<usize> = (0..self.slots.len()).filter(|&s| self.slots[s].is_none()).collect();
+        if free.is_empty() {
+            return prompts.iter().map(|_| Err(anyhow!("no free slot"))).collect();
+        }
+        let sampling = Sampling::default();
+        let requests: Vec<NewRequest> = prompts.iter().map(|&prompt| NewRequest { id: 0, prompt, sampling: &sampling }).collect();
+        let mut results = Vec::new();
+        for (chunk, first) in requests.chunks(free.len()).zip((0..).step_by(free.len())) {
+            let mut admitted: Vec<Admission> = free.iter().zip(first..first + chunk.len()).map(|(&seq, index)| Admission { index, seq, cached: 0, logits_row: 0 }).collect();
+            let decoded = self.gate_only(&requests, &mut admitted);
+            for a in &admitted {
+                self.ctx.seq_rm(a.seq as i32, -1, -1);
+                results.push(match &decoded {
+                    Err(e) => Err(anyhow!("{e:#}")),
+                    Ok(()) => self.moderation(a.seq),
+                });
+            }
+        }
+        results
+    }
+
+    /// Decodes the admitted prompts up to the gate layer and no further.
+    fn gate_only(&mut self, requests: &[NewRequest], admitted: &mut [Admission]) -> Result<()> {
+        for a in admitted.iter() {
+            self.check_fits(requests[a.index].prompt.len())?;
+        }
         self.use_control_vector(false)?;
         let tail = self.gate_tail();
-        // Cached rows are unshifted, which is all a gate-only pass needs.
-        let cached = self.share_prefix(seq, prompt, tail);
-        let (ctx, batch) = (&mut *self.ctx, &mut self.batch);
-        ctx.hook_mut().begin_gate_only(seq)?;
-        ctx.hook_mut().set_shifter(Shifter::GateOnly);
+        for a in admitted.iter_mut() {
+            // Cached rows are unshifted, which is all a gate-only pass needs.
+            a.cached = self.share_prefix(a.seq, requests[a.index].prompt, tail);
+            self.ctx.hook_mut().begin_gate_only(a.seq)?;
+        }
+        self.ctx.hook_mut().set_shifter(Shifter::GateOnly);
         // Nothing past the gate layer is used: not the logits, not the deeper
-        // cache (the sequence is removed right after).
-        ctx.hook_mut().set_stop_at_gate(true);
-        let decoded = prefill(ctx, batch, prompt, cached, seq as i32, tail);
-        ctx.hook_mut().set_stop_at_gate(false);
-        ctx.hook_mut().set_shifter(Shifter::Hook);
-        ctx.seq_rm(seq as i32, -1, -1);
-        decoded?;
-        self.stats.prompt_tokens += prompt.len() - cached;
-        let gate_layer = ctx.hook().gate().map(|g| g.layer).context("this guard has no gate")?;
-        if let Some(layer) = ctx.unseen(&[gate_layer]) {
+        // cache (the sequences are removed right after).
+        self.ctx.hook_mut().set_stop_at_gate(true);
+        let mut decoded = Ok(());
+        for group in self.groups(requests, admitted) {
+            decoded = self.decode_group(requests, admitted, &group, tail);
+            if decoded.is_err() {
+                break;
+            }
+        }
+        self.ctx.hook_mut().set_stop_at_gate(false);
+        self.ctx.hook_mut().set_shifter(Shifter::Hook);
+        decoded
+    }
+
+    /// The gate's decision on sequence `seq` after a gate-only pass.
+    fn moderation(&self, seq: usize) -> Result<GateDecision> {
+        let gate_layer = self.ctx.hook().gate().map(|g| g.layer).context("this guard has no gate")?;
+        if let Some(layer) = self.ctx.unseen(&[gate_layer]) {
             bail!("the gate layer's output (l_out-{layer}) never reached the guard: start the server in gated mode");
         }
-        ctx.hook().decision(seq).context("the gate did not decide on this input")
+        self.ctx.hook().decision(seq).context("the gate did not decide on this input")
     }
 
     /// One decode step for every live request.

@@ -102,8 +102,9 @@ pub fn run_engine<'m>(
     loop {
         // Every request that waits and fits joins now; their prompts share decode calls.
         let mut pending: Vec<(usize, Vec<i32>, Sampling)> = Vec::new();
+        let mut moderations: Vec<(mpsc::UnboundedSender<Reply>, Vec<i32>)> = Vec::new();
         while pending.len() < engine.free_slots() {
-            let job = if engine.is_idle() && pending.is_empty() {
+            let job = if engine.is_idle() && pending.is_empty() && moderations.is_empty() {
                 match jobs.recv() {
                     Ok(job) => job,
                     Err(_) => return Ok(()),
@@ -115,11 +116,17 @@ pub fn run_engine<'m>(
                 }
             };
             metrics.queue_depth.dec();
+            let moderation = matches!(job.task, Task::Moderate);
             let Some((replies, tokens, sampling, stop)) = intake(model, template, &mut engine, metrics, job) else { continue };
+            if moderation {
+                moderations.push((replies, tokens));
+                continue;
+            }
             live.insert(next_id, Live { replies, stop, text: String::new(), sent: 0, stopped: false, prompt_tokens: tokens.len() });
             pending.push((next_id, tokens, sampling));
             next_id += 1;
         }
+        moderate(&mut engine, metrics, moderations);
         let requests: Vec<NewRequest> = pending.iter().map(|(id, prompt, sampling)| NewRequest { id: *id, prompt, sampling }).collect();
         let results = engine.admit_all(&requests, &mut |event| on_event(&mut live, metrics, event));
         for ((id, _, _), result) in pending.iter().zip(results) {
@@ -156,8 +163,25 @@ fn template_prefix(model: &Model, template: &Template) -> Result<Vec<i32>> {
     Ok(prefix)
 }
 
-/// Answers a job that needs no sequence of its own (a template render, a
-/// moderation, a bad prompt) at once; returns what a generation needs.
+/// Gates every waiting moderation input together and answers each.
+fn moderate(engine: &mut Engine, metrics: &Metrics, moderations: Vec<(mpsc::UnboundedSender<Reply>, Vec<i32>)>) {
+    if moderations.is_empty() {
+        return;
+    }
+    let prompts: Vec<&[i32]> = moderations.iter().map(|(_, tokens)| tokens.as_slice()).collect();
+    for ((replies, _), result) in moderations.iter().zip(engine.moderate_all(&prompts)) {
+        let _ = replies.send(match result {
+            Ok(d) => {
+                metrics.gated(Some(d));
+                Reply::Moderated(d)
+            }
+            Err(e) => Reply::Rejected(guard_failed(e)),
+        });
+    }
+}
+
+/// Answers a job that is not a prompt to decode (a template render, a bad
+/// prompt) at once; returns what a generation or a moderation needs.
 fn intake(model: &Model, template: &Template, engine: &mut Engine, metrics: &Metrics, job: Job) -> Option<(mpsc::UnboundedSender<Reply>, Vec<i32>, Sampling, Vec<String>)> {
     if job.replies.is_closed() {
         return None;
@@ -182,14 +206,8 @@ fn intake(model: &Model, template: &Template, engine: &mut Engine, metrics: &Met
     metrics.request(job.task.kind(), tokens.len());
     match job.task {
         Task::Generate { sampling, stop } => Some((job.replies, tokens, sampling, stop)),
+        Task::Moderate => Some((job.replies, tokens, Sampling::default(), Vec::new())),
         Task::Render => None,
-        Task::Moderate => answer(match engine.moderate(&tokens) {
-            Ok(d) => {
-                metrics.gated(Some(d));
-                Reply::Moderated(d)
-            }
-            Err(e) => Reply::Rejected(guard_failed(e)),
-        }),
     }
 }
 
