@@ -1,8 +1,11 @@
 //! `inferalign bench serve`: a bounded load test of `inferalign serve` on
 //! loopback. The same requests go one at a time, then from many concurrent
 //! clients; greedy answers must match exactly, so a lost or mixed-up response
-//! shows as a mismatch.
+//! shows as a mismatch. With `--against`, stock llama.cpp `llama-server` takes
+//! the same load on the same model and settings, pass for pass, and the
+//! report gives our tokens/s as a ratio to it.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -12,9 +15,11 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use inferalign::llama::default_threads;
 use inferalign::prompts::read_prompts;
 use inferalign::server::ServerProcess;
 
+use super::bench::median;
 use super::ModelArgs;
 
 #[derive(Args)]
@@ -36,6 +41,15 @@ pub struct ServeBench {
     /// Run the server with --deterministic; answers under load must then match those served alone
     #[arg(long)]
     deterministic: bool,
+    /// Also load stock llama.cpp `llama-server` (this path) with the same model
+    /// and settings, and report our tokens/s as a ratio to it
+    /// (`scripts/build-llama-server.sh` builds one from the vendored llama.cpp)
+    #[arg(long, value_name = "LLAMA_SERVER")]
+    against: Option<PathBuf>,
+    /// Rounds of passes; with --against the servers alternate pass by pass and
+    /// each ratio is the median of the rounds' ratios
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
     /// Print one JSON object
     #[arg(long)]
     json: bool,
@@ -44,7 +58,9 @@ pub struct ServeBench {
 struct Answer {
     text: String,
     tokens: usize,
-    steered: bool,
+    prompt_tokens: usize,
+    /// None from a server that is not ours.
+    steered: Option<bool>,
 }
 
 fn ask(agent: &ureq::Agent, url: &str, prompt: &str, max_tokens: usize) -> Result<Answer> {
@@ -53,7 +69,8 @@ fn ask(agent: &ureq::Agent, url: &str, prompt: &str, max_tokens: usize) -> Resul
     Ok(Answer {
         text: reply["choices"][0]["message"]["content"].as_str().context("no message content")?.to_string(),
         tokens: reply["usage"]["completion_tokens"].as_u64().context("no usage")? as usize,
-        steered: reply["inferalign"]["steered"].as_bool().context("no inferalign.steered")?,
+        prompt_tokens: reply["usage"]["prompt_tokens"].as_u64().context("no usage")? as usize,
+        steered: reply["inferalign"]["steered"].as_bool(),
     })
 }
 
@@ -101,23 +118,68 @@ fn pass(url: &str, prompts: &[String], clients: usize, max_tokens: usize) -> (Pa
     (pass, answers)
 }
 
+/// The options that make stock llama-server run what `inferalign serve` runs.
+fn llama_server_args(m: &ModelArgs, parallel: usize) -> Result<Vec<String>> {
+    anyhow::ensure!(m.system_prompt.is_none(), "--against cannot pass --system-prompt: llama-server has no such option");
+    let mut out: Vec<String> = vec!["-m".into(), m.model.display().to_string()];
+    let threads = m.threads.unwrap_or_else(default_threads).to_string();
+    for (flag, value) in [("-c", m.ctx_size.to_string()), ("-b", m.batch_size.to_string()), ("-t", threads), ("-ngl", m.n_gpu_layers.to_string()), ("--parallel", parallel.to_string())] {
+        out.extend([flag.into(), value]);
+    }
+    if let Some(name) = m.template.as_deref().filter(|t| *t != "raw") {
+        out.extend(["--chat-template".into(), name.into()]);
+    }
+    for (i, lora) in m.lora.iter().enumerate() {
+        let scale = m.lora_scale.get(i).copied().unwrap_or(1.0);
+        out.extend(["--lora-scaled".into(), lora.display().to_string(), scale.to_string()]);
+    }
+    Ok(out)
+}
+
+type Answers = Vec<Option<Answer>>;
+
+/// One client, then `clients` at once, on the server at `url`.
+fn round(url: &str, prompts: &[String], args: &ServeBench) -> [(Pass, Answers); 2] {
+    [pass(url, prompts, 1, args.max_tokens), pass(url, prompts, args.clients, args.max_tokens)]
+}
+
 pub fn serve_bench(args: ServeBench) -> Result<()> {
-    anyhow::ensure!(args.clients > 0 && args.requests > 0, "--clients and --requests must be at least 1");
+    anyhow::ensure!(args.clients > 0 && args.requests > 0 && args.runs > 0, "--clients, --requests and --runs must be at least 1");
     let harmless = read_prompts(&inferalign::embedded::data("harmless.txt")?)?;
     let harmful = read_prompts(&inferalign::cache::data_file("advbench.jsonl"))?;
     let prompts: Vec<String> =
         (0..args.requests).map(|i| if i % 4 == 3 { harmful[i % harmful.len()].clone() } else { harmless[i % harmless.len()].clone() }).collect();
+    // Both servers get the same thread count, whatever each would pick alone.
+    let mut model = args.model.clone();
+    model.threads = Some(model.threads.unwrap_or_else(default_threads));
     let mut server_args: Vec<std::ffi::OsString> = vec!["--parallel".into(), args.parallel.to_string().into()];
     if args.deterministic {
         server_args.push("--deterministic".into());
     }
-    server_args.extend(args.model.as_args());
+    server_args.extend(model.as_args());
+    let stock = match &args.against {
+        Some(exe) => Some(ServerProcess::start_llama_server(exe, llama_server_args(&model, args.parallel)?)?),
+        None => None,
+    };
     let server = ServerProcess::start(&std::env::current_exe()?, server_args)?;
-    eprintln!("server at {}; {} requests one at a time, then from {} clients", server.url, prompts.len(), args.clients);
-    let (alone, alone_answers) = pass(&server.url, &prompts, 1, args.max_tokens);
-    let (together, together_answers) = pass(&server.url, &prompts, args.clients, args.max_tokens);
-    drop(server);
+    eprintln!("server at {}; {} requests one at a time, then from {} clients, {} round(s)", server.url, prompts.len(), args.clients, args.runs);
 
+    // The servers take turns going first, so a slow spell of the machine hits both.
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for r in 0..args.runs {
+        let stock_first = r % 2 == 1;
+        if let (Some(s), true) = (&stock, stock_first) {
+            theirs.push(round(&s.url, &prompts, &args));
+        }
+        ours.push(round(&server.url, &prompts, &args));
+        if let (Some(s), false) = (&stock, stock_first) {
+            theirs.push(round(&s.url, &prompts, &args));
+        }
+    }
+    drop(server);
+    drop(stock);
+
+    let [(alone, alone_answers), (together, together_answers)] = &ours[0];
     let lost = together_answers.iter().filter(|a| a.is_none()).count();
     let mismatched: Vec<usize> = (0..prompts.len())
         .filter(|&i| match (&alone_answers[i], &together_answers[i]) {
@@ -125,7 +187,23 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
             _ => false,
         })
         .collect();
-    let steered = together_answers.iter().flatten().filter(|a| a.steered).count();
+    let steered = together_answers.iter().flatten().filter(|a| a.steered == Some(true)).count();
+    let errors: usize = ours.iter().chain(&theirs).flatten().map(|(p, _)| p.errors).sum();
+    fn passes(rounds: &[[(Pass, Answers); 2]]) -> Vec<[&Pass; 2]> {
+        rounds.iter().map(|r| [&r[0].0, &r[1].0]).collect()
+    }
+    let ratio = |k: usize| median(ours.iter().zip(&theirs).map(|(o, t)| o[k].0.tokens_per_second / t[k].0.tokens_per_second).collect());
+    let stock_report = theirs.first().map(|t| {
+        // The same prompts must reach both models as the same tokens.
+        let same = alone_answers.iter().zip(&t[0].1).filter(|(a, b)| matches!((a, b), (Some(a), Some(b)) if a.prompt_tokens == b.prompt_tokens)).count();
+        json!({
+            "path": args.against.as_ref().map(|p| p.display().to_string()),
+            "rounds": passes(&theirs),
+            "tokens_per_second_ratio_one_at_a_time": ratio(0),
+            "tokens_per_second_ratio_concurrent": ratio(1),
+            "same_prompt_tokens": same,
+        })
+    });
     let report = json!({
         "model": args.model.model.display().to_string(),
         "requests": prompts.len(),
@@ -134,34 +212,37 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
         "max_tokens": args.max_tokens,
         "one_at_a_time": alone,
         "concurrent": together,
+        "rounds": passes(&ours),
         "requests_per_second_ratio": together.requests_per_second / alone.requests_per_second,
         "tokens_per_second_ratio": together.tokens_per_second / alone.tokens_per_second,
         "lost": lost,
         "mismatched": mismatched,
         "steered": steered,
+        "llama_server": stock_report,
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("{} requests ({} harmful), server --parallel {}, {} tokens each", prompts.len(), prompts.len() / 4, args.parallel, args.max_tokens);
-        println!("{:<16} {:>8} {:>9} {:>10} {:>10} {:>7}", "clients", "seconds", "req/s", "tok/s", "tok/s x", "errors");
-        for p in [&alone, &together] {
-            println!(
-                "{:<16} {:>8.2} {:>9.2} {:>10.1} {:>10.2} {:>7}",
-                p.clients,
-                p.seconds,
-                p.requests_per_second,
-                p.tokens_per_second,
-                p.tokens_per_second / alone.tokens_per_second,
-                p.errors
-            );
+        println!("{} requests ({} harmful), --parallel {}, {} tokens each", prompts.len(), prompts.len() / 4, args.parallel, args.max_tokens);
+        println!("{:<18} {:>5} {:>8} {:>9} {:>10} {:>7}", "server", "clients", "seconds", "req/s", "tok/s", "errors");
+        let named = [("inferalign", &ours)].into_iter().chain(theirs.first().map(|_| ("llama-server", &theirs)));
+        for (name, rounds) in named {
+            for p in rounds.iter().flatten().map(|(p, _)| p) {
+                println!("{name:<18} {:>5} {:>8.2} {:>9.2} {:>10.1} {:>7}", p.clients, p.seconds, p.requests_per_second, p.tokens_per_second, p.errors);
+            }
         }
         println!("lost {lost}, answers differing from one-at-a-time {}, steered {steered}", mismatched.len());
+        if let Some(s) = &stock_report {
+            println!(
+                "tokens/s against llama-server (median of {} rounds): {:.3} one at a time, {:.3} with {} clients; prompts of equal token count: {} of {}",
+                theirs.len(), s["tokens_per_second_ratio_one_at_a_time"], s["tokens_per_second_ratio_concurrent"], args.clients, s["same_prompt_tokens"], prompts.len()
+            );
+        }
     }
     // Without --deterministic, llama.cpp's kernels round with the batch's make-up,
     // so answers may differ; they are reported, not a failure.
-    if alone.errors + together.errors + lost > 0 || (args.deterministic && !mismatched.is_empty()) {
-        bail!("the load test failed: {} errors, {lost} lost, {} mismatched answers", alone.errors + together.errors, mismatched.len());
+    if errors + lost > 0 || (args.deterministic && !mismatched.is_empty()) {
+        bail!("the load test failed: {errors} errors, {lost} lost, {} mismatched answers", mismatched.len());
     }
     Ok(())
 }
