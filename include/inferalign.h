@@ -4,7 +4,9 @@
  *   1. load a model as usual;
  *   2. g = inferalign_guard_new(model, "srv.gguf", NULL, NAN, NULL, INFERALIGN_GATED, n_seq, err, sizeof err);
  *   3. inferalign_guard_install(g, &ctx_params) before llama_init_from_model;
- *   4. per request: inferalign_guard_begin_request(g, seq) before its prompt is decoded;
+ *   4. per request: inferalign_guard_begin_request_at(g, seq, pos) before its prompt is
+ *      decoded, pos being where the last user message starts in the prompt (the gate
+ *      reads the request from there; inferalign_guard_begin_request reads it all);
  *   5. before every llama_decode: inferalign_guard_before_decode(g, &batch);
  *      after it: inferalign_guard_after_decode(g);
  *   6. after the prompt's decode: inferalign_guard_decision(g, seq, &score);
@@ -15,7 +17,8 @@
  *   - install sets n_ubatch = n_batch and kv_unified = true, so llama.cpp
  *     neither splits a batch nor regroups its sequences; do not change them after;
  *   - sequence ids are 0..n_seq-1, one per token; several sequences (requests)
- *     may share a batch, prompts may be as long as n_batch;
+ *     may share a batch, prompts may be as long as n_batch; give each token its
+ *     position (batch.pos), or the gate reads every token as the request;
  *   - functions returning int return 0 on success and -1 on an error, whose
  *     message inferalign_guard_last_error gives;
  *   - in gated mode, a request whose decision is -1 after its prompt was
@@ -65,9 +68,17 @@ inferalign_guard * inferalign_guard_new(const struct llama_model * model,
 int inferalign_guard_install(inferalign_guard * guard, struct llama_context_params * params);
 
 /* A new request starts on `seq`: the next output token of `seq` is its last
- * prompt token, which the gate reads. Clears the previous decision.
- * -1 if seq is outside 0..n_seq-1. */
+ * prompt token, where the gate decides. Clears the previous decision.
+ * -1 if seq is outside 0..n_seq-1. A gate that reads every token of the
+ * request (files from `inferalign extract` do) reads the whole prompt. */
 int inferalign_guard_begin_request(inferalign_guard * guard, int32_t seq);
+
+/* As inferalign_guard_begin_request, where the request (the content of the
+ * last user turn, as the gate was calibrated) starts at position
+ * `request_pos` of the prompt: the gate reads the tokens from there on. Every
+ * one of them must be decoded after this call (none from a cache).
+ * -1 if seq is outside 0..n_seq-1 or request_pos is negative. */
+int inferalign_guard_begin_request_at(inferalign_guard * guard, int32_t seq, int32_t request_pos);
 
 /* Tells the guard which sequence each token of the next batch belongs to.
  * A gate that reads the user's own last token (files from `inferalign

@@ -7,7 +7,7 @@ use std::ffi::{c_char, c_float, c_int, CStr, CString};
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::capture::BatchAware;
+use crate::capture::{BatchAware, Reads};
 use crate::guard::{GuardConfig, ModelShape};
 use crate::llama::{foreign_model_arch, foreign_model_dims, BatchLayout, ForeignBatch, ForeignHook};
 use crate::steer::{parse_layers, Mode, SteerHook};
@@ -163,9 +163,21 @@ pub unsafe extern "C" fn inferalign_guard_begin_request(
     guard: *mut InferalignGuard,
     seq: i32,
 ) -> c_int {
+    inferalign_guard_begin_request_at(guard, seq, 0)
+}
+
+/// # Safety
+/// See `include/inferalign.h`.
+#[no_mangle]
+pub unsafe extern "C" fn inferalign_guard_begin_request_at(
+    guard: *mut InferalignGuard,
+    seq: i32,
+    request_pos: i32,
+) -> c_int {
     with_guard(guard, |g| {
         let seq = usize::try_from(seq).with_context(|| format!("sequence id {seq} is negative"))?;
-        g.hook.hook_mut().begin_request(seq)
+        let start = usize::try_from(request_pos).with_context(|| format!("request position {request_pos} is negative"))?;
+        g.hook.hook_mut().begin_request(seq, start)
     })
 }
 
@@ -193,7 +205,7 @@ pub unsafe extern "C" fn inferalign_guard_before_decode(
         g.hook.take_failure();
         g.hook
             .hook_mut()
-            .plan(&ForeignBatch::new(batch) as &dyn BatchLayout, &[])
+            .plan(&ForeignBatch::new(batch) as &dyn BatchLayout, &Reads::NONE)
     })
 }
 

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 use indicatif::ProgressBar;
-use ndarray::Array3;
+use ndarray::{Array2, Array3};
 
 use crate::llama::{Batch, BatchLayout, Context, ContextParams, LayerHook, LayerOutput, Model, NoHook};
 
@@ -18,32 +18,50 @@ pub struct LastToken {
     pub slot: usize,
 }
 
-/// A hook that is told, before each decode, where the prompts' last tokens are.
+/// The rows a capture reads in one batch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reads<'a> {
+    /// Tokens a fixed distance before each prompt's last.
+    pub last: &'a [LastToken],
+    /// Token rows of every prompt's request (from where its request starts),
+    /// in prompt order.
+    pub request: &'a [usize],
+}
+
+impl Reads<'_> {
+    pub const NONE: Reads<'static> = Reads { last: &[], request: &[] };
+}
+
+/// A hook that is told, before each decode, where the prompts' tokens to read are.
 pub trait BatchAware: LayerHook {
     /// An error when the batch is one the hook cannot gate or steer correctly.
-    fn plan(&mut self, batch: &dyn BatchLayout, last_tokens: &[LastToken]) -> Result<()>;
+    fn plan(&mut self, batch: &dyn BatchLayout, reads: &Reads) -> Result<()>;
 }
 
 impl BatchAware for NoHook {
-    fn plan(&mut self, _: &dyn BatchLayout, _: &[LastToken]) -> Result<()> {
+    fn plan(&mut self, _: &dyn BatchLayout, _: &Reads) -> Result<()> {
         Ok(())
     }
 }
 
 impl<A: BatchAware, B: BatchAware> BatchAware for (A, B) {
-    fn plan(&mut self, batch: &dyn BatchLayout, last_tokens: &[LastToken]) -> Result<()> {
-        self.0.plan(batch, last_tokens)?;
-        self.1.plan(batch, last_tokens)
+    fn plan(&mut self, batch: &dyn BatchLayout, reads: &Reads) -> Result<()> {
+        self.0.plan(batch, reads)?;
+        self.1.plan(batch, reads)
     }
 }
 
-/// Copies the last-token rows of the chosen layers into `[prompt, layer, n_embd]`.
+/// Copies the last-token rows of the chosen layers into `[prompt, layer, n_embd]`,
+/// and every request token's row of the request layers into one matrix each.
 pub struct CaptureHook {
     layers: Vec<bool>,
     n_embd: usize,
     n_tokens: usize,
     plan: Vec<LastToken>,
     acts: Array3<f32>,
+    request_layers: Vec<usize>,
+    request_plan: Vec<usize>,
+    request_acts: Vec<Vec<f32>>,
 }
 
 impl CaptureHook {
@@ -65,7 +83,21 @@ impl CaptureHook {
             n_tokens: 0,
             plan: Vec::new(),
             acts: Array3::zeros((0, model.n_layer(), model.n_embd())),
+            request_layers: Vec::new(),
+            request_plan: Vec::new(),
+            request_acts: Vec::new(),
         })
+    }
+
+    /// Also captures every request token's row at these layers (which must be
+    /// captured layers, and not the last: it keeps only output rows).
+    pub fn with_request_layers(mut self, layers: &[usize]) -> Result<CaptureHook> {
+        if let Some(&l) = layers.iter().find(|&&l| !self.layers.get(l).copied().unwrap_or(false) || l + 1 >= self.layers.len()) {
+            bail!("request layer {l} is not a captured layer below the last");
+        }
+        self.request_layers = layers.to_vec();
+        self.request_acts = vec![Vec::new(); layers.len()];
+        Ok(self)
     }
 
     /// Starts a capture of `n_slots` rows (prompts times read positions).
@@ -78,11 +110,26 @@ impl CaptureHook {
         self.plan.clear();
         std::mem::replace(&mut self.acts, Array3::zeros((0, 0, 0)))
     }
+
+    /// The request tokens' rows captured since `begin`, `[token, n_embd]` for
+    /// each request layer, prompts one after another.
+    pub fn take_request(&mut self) -> Vec<Array2<f32>> {
+        self.request_plan.clear();
+        let n_embd = self.n_embd;
+        self.request_acts
+            .iter_mut()
+            .map(|rows| {
+                let rows = std::mem::take(rows);
+                Array2::from_shape_vec((rows.len() / n_embd, n_embd), rows).expect("whole rows")
+            })
+            .collect()
+    }
 }
 
 impl LayerHook for CaptureHook {
     fn wants(&mut self, layer: usize) -> bool {
-        !self.plan.is_empty() && self.layers.get(layer).copied().unwrap_or(false)
+        let request = !self.request_plan.is_empty() && self.request_layers.contains(&layer);
+        (!self.plan.is_empty() || request) && self.layers.get(layer).copied().unwrap_or(false)
     }
 
     fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) -> Result<()> {
@@ -91,6 +138,17 @@ impl LayerHook for CaptureHook {
             bail!("rows are {} wide, the model is {n_embd}", out.n_embd());
         }
         let all_rows = out.rows() == self.n_tokens;
+        if let Some(k) = self.request_layers.iter().position(|&l| l == layer) {
+            if !all_rows {
+                bail!("layer {layer} has {} rows, the batch {} tokens", out.rows(), self.n_tokens);
+            }
+            let (plan, store) = (&self.request_plan, &mut self.request_acts[k]);
+            out.read(|data| {
+                for &row in plan {
+                    store.extend_from_slice(&data[row * n_embd..(row + 1) * n_embd]);
+                }
+            });
+        }
         let (plan, acts) = (&self.plan, &mut self.acts);
         out.read(|data| {
             for t in plan {
@@ -112,10 +170,15 @@ impl LayerHook for CaptureHook {
 }
 
 impl BatchAware for CaptureHook {
-    fn plan(&mut self, batch: &dyn BatchLayout, last_tokens: &[LastToken]) -> Result<()> {
+    fn plan(&mut self, batch: &dyn BatchLayout, reads: &Reads) -> Result<()> {
         self.n_tokens = batch.len();
+        if let Some(&row) = reads.request.iter().find(|&&r| r >= batch.len()) {
+            bail!("request row {row} is outside the batch's {} tokens", batch.len());
+        }
         self.plan.clear();
-        self.plan.extend_from_slice(last_tokens);
+        self.plan.extend_from_slice(reads.last);
+        self.request_plan.clear();
+        self.request_plan.extend_from_slice(reads.request);
         Ok(())
     }
 }
@@ -146,12 +209,15 @@ impl DecodeStats {
 
 /// Decodes every prompt up to its last token, one sequence per prompt, as many
 /// per batch as fit, and plans reads of the tokens `offsets` before each
-/// prompt's last (0 is the last token). With `reuse_prefix`, the shared prefix
-/// is decoded once in sequence 0 and shared with the others through the KV cache.
+/// prompt's last (0 is the last token), and, when `requests` gives where each
+/// prompt's request starts, of every token from there on. With
+/// `reuse_prefix`, the shared prefix is decoded once in sequence 0 and shared
+/// with the others through the KV cache.
 pub fn decode_prompts<H: BatchAware>(
     ctx: &mut Context<'_, H>,
     prompts: &[Vec<i32>],
     offsets: &[usize],
+    requests: &[usize],
     reuse_prefix: bool,
     progress: &ProgressBar,
 ) -> Result<DecodeStats> {
@@ -161,7 +227,12 @@ pub fn decode_prompts<H: BatchAware>(
         bail!("prompt {} is {} tokens long, too short to read {deepest} tokens before its last", p + 1, prompts[p].len());
     }
     let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
-    let prefix = if reuse_prefix { shared_prefix_len(prompts).min(shortest - 1 - deepest) } else { 0 };
+    if !requests.is_empty() && requests.len() != prompts.len() {
+        bail!("{} request starts for {} prompts", requests.len(), prompts.len());
+    }
+    // Request tokens are read in the prompt's own decode, so the shared prefix stops before them.
+    let first_request = requests.iter().copied().min().unwrap_or(usize::MAX);
+    let prefix = if reuse_prefix { shared_prefix_len(prompts).min(shortest - 1 - deepest).min(first_request) } else { 0 };
     let n_ctx = ctx.n_ctx();
     if prefix + 1 > n_ctx {
         bail!("the shared prompt prefix ({prefix} tokens) does not fit the context ({n_ctx})");
@@ -170,29 +241,31 @@ pub fn decode_prompts<H: BatchAware>(
     let max_seqs = ctx.n_seq_max() - 1;
     let mut batch = Batch::new(ctx.n_batch());
     let mut last_tokens = Vec::new();
+    let mut request_rows = Vec::new();
     let mut decoded = 0;
 
     ctx.clear_memory();
-    let mut flush = |ctx: &mut Context<'_, H>, batch: &mut Batch, last_tokens: &mut Vec<LastToken>| -> Result<()> {
+    let mut flush = |ctx: &mut Context<'_, H>, batch: &mut Batch, last_tokens: &mut Vec<LastToken>, request_rows: &mut Vec<usize>| -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
-        ctx.hook_mut().plan(&*batch, last_tokens)?;
+        ctx.hook_mut().plan(&*batch, &Reads { last: last_tokens, request: request_rows })?;
         ctx.decode(batch)?;
         decoded += batch.len();
         batch.clear();
         last_tokens.clear();
+        request_rows.clear();
         Ok(())
     };
 
     if prefix > 0 {
         for (pos, &token) in prompts[0][..prefix].iter().enumerate() {
             if batch.len() == batch.capacity() {
-                flush(ctx, &mut batch, &mut last_tokens)?;
+                flush(ctx, &mut batch, &mut last_tokens, &mut request_rows)?;
             }
             batch.add(token, pos as i32, 0, false);
         }
-        flush(ctx, &mut batch, &mut last_tokens)?;
+        flush(ctx, &mut batch, &mut last_tokens, &mut request_rows)?;
     }
 
     let mut next = 0;
@@ -218,8 +291,11 @@ pub fn decode_prompts<H: BatchAware>(
             let own = &prompts[p][prefix..];
             for (k, &token) in own.iter().enumerate() {
                 if batch.len() == batch.capacity() {
-                    flush(ctx, &mut batch, &mut last_tokens)?;
+                    flush(ctx, &mut batch, &mut last_tokens, &mut request_rows)?;
                     outputs = 0;
+                }
+                if requests.get(p).is_some_and(|&start| prefix + k >= start) {
+                    request_rows.push(batch.len());
                 }
                 let from_end = own.len() - 1 - k;
                 let read = offsets.iter().position(|&o| o == from_end);
@@ -231,7 +307,7 @@ pub fn decode_prompts<H: BatchAware>(
                 batch.add(token, (prefix + k) as i32, j as i32 + 1, output);
             }
         }
-        flush(ctx, &mut batch, &mut last_tokens)?;
+        flush(ctx, &mut batch, &mut last_tokens, &mut request_rows)?;
         for seq in 1..=chunk.len() as i32 {
             ctx.seq_rm(seq, -1, -1);
         }
@@ -251,21 +327,42 @@ pub fn capture(
     progress: &ProgressBar,
 ) -> Result<(Array3<f32>, DecodeStats)> {
     ctx.hook_mut().begin(prompts.len() * offsets.len());
-    let stats = decode_prompts(ctx, prompts, offsets, reuse_prefix, progress)?;
+    let stats = decode_prompts(ctx, prompts, offsets, &[], reuse_prefix, progress)?;
     Ok((ctx.hook_mut().take(), stats))
 }
 
-/// As [`capture`], in a context of its own: what commands that only read
-/// activations need.
+/// Every request token's rows at some layers: where each prompt's request
+/// starts, and the layers.
+pub struct RequestCapture<'a> {
+    pub starts: &'a [usize],
+    pub layers: &'a [usize],
+}
+
+/// What [`capture_prompts`] read.
+pub struct Captured {
+    /// `[prompt * offsets.len() + i, layer, n_embd]`.
+    pub acts: Array3<f32>,
+    /// Per request layer, `[token, n_embd]`: each prompt's request tokens, prompt after prompt.
+    pub request: Vec<Array2<f32>>,
+    pub stats: DecodeStats,
+}
+
+/// As [`capture`], in a context of its own (what commands that only read
+/// activations need), and, with `request`, every request token's rows.
 pub fn capture_prompts(
     model: &Model,
     params: &ContextParams,
     prompts: &[Vec<i32>],
     offsets: &[usize],
     layers: &[usize],
+    request: Option<RequestCapture>,
     progress: &ProgressBar,
-) -> Result<(Array3<f32>, DecodeStats)> {
-    let mut ctx = Context::new(model, params, CaptureHook::new(model, layers)?, true)?;
+) -> Result<Captured> {
+    let (starts, request_layers) = request.map_or((&[][..], &[][..]), |r| (r.starts, r.layers));
+    let hook = CaptureHook::new(model, layers)?.with_request_layers(request_layers)?;
+    let mut ctx = Context::new(model, params, hook, true)?;
     progress.set_length(prompts.len() as u64);
-    capture(&mut ctx, prompts, offsets, true, progress)
+    ctx.hook_mut().begin(prompts.len() * offsets.len());
+    let stats = decode_prompts(&mut ctx, prompts, offsets, starts, true, progress)?;
+    Ok(Captured { acts: ctx.hook_mut().take(), request: ctx.hook_mut().take_request(), stats })
 }

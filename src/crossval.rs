@@ -1,13 +1,15 @@
 //! Choosing the gate by validation, never by training accuracy: for each
-//! candidate layer and read position, every fold (a wrapper family, with the
-//! instructions it holds) is scored by a direction fitted without it. The
-//! threshold is the high quantile of the held-out harmless scores, and the
-//! candidate whose worst held-out family is flagged most often wins.
+//! candidate part (a layer and what it reads there), every fold (a wrapper
+//! family, with the instructions it holds) is scored by a probe fitted
+//! without it. Parts are summed on one scale; the threshold is the high
+//! quantile of the held-out harmless scores, and the candidate whose worst
+//! held-out family is flagged most often wins.
 
 use std::collections::{BTreeSet, HashSet};
 
-use ndarray::{Array1, ArrayView1, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 
+use crate::probe::logistic_direction;
 use crate::trainset::PLAIN;
 
 /// What cross-validation needs to know about each example.
@@ -20,58 +22,110 @@ pub struct Labels<'a> {
     pub multi_turn: usize,
 }
 
-/// A mean-difference direction and the harmless projections' mean and spread,
-/// which put scores of different fits on one scale.
+/// What one part of a gate reads from each example, and how a probe on it is
+/// fitted and scored.
+pub trait Part {
+    /// A unit direction from the examples where `train` holds.
+    fn fit(&self, harmful: &[bool], train: &dyn Fn(usize) -> bool) -> Option<Array1<f32>>;
+    /// Example `i`'s score on `direction`.
+    fn score(&self, direction: ArrayView1<f32>, i: usize) -> f32;
+}
+
+/// One activation row per example (several read tokens side by side).
+pub struct Rows(pub Array2<f32>);
+
+impl Part for Rows {
+    fn fit(&self, harmful: &[bool], train: &dyn Fn(usize) -> bool) -> Option<Array1<f32>> {
+        let idx: Vec<usize> = (0..self.0.nrows()).filter(|&i| train(i)).collect();
+        let labels: Vec<bool> = idx.iter().map(|&i| harmful[i]).collect();
+        logistic_direction(self.0.select(Axis(0), &idx).view(), &labels)
+    }
+
+    fn score(&self, direction: ArrayView1<f32>, i: usize) -> f32 {
+        self.0.row(i).dot(&direction)
+    }
+}
+
+/// Every token of each example's request, scored by its largest projection.
+/// The probe learns from tokens: the last [`REQUEST_END_TOKENS`] of a harmful
+/// instruction are harmful; every token of a harmless example, and the
+/// wrapper's tokens before a harmful instruction, are not (tokens after it
+/// are left out: they may still carry it).
+pub struct RequestTokens<'a> {
+    /// `[token, n_embd]` of every example, consecutive.
+    pub acts: ArrayView2<'a, f32>,
+    /// Each example's rows in `acts`.
+    pub rows: &'a [std::ops::Range<usize>],
+    /// Each example's instruction, as rows of `acts`.
+    pub instruction: &'a [std::ops::Range<usize>],
+}
+
+/// Tokens at the end of a harmful instruction that the token probe takes as harmful.
+pub const REQUEST_END_TOKENS: usize = 2;
+
+impl Part for RequestTokens<'_> {
+    fn fit(&self, harmful: &[bool], train: &dyn Fn(usize) -> bool) -> Option<Array1<f32>> {
+        let (mut idx, mut labels) = (Vec::new(), Vec::new());
+        for i in (0..self.rows.len()).filter(|&i| train(i)) {
+            let (rows, ins) = (&self.rows[i], &self.instruction[i]);
+            if harmful[i] {
+                let end = ins.end.clamp(rows.start, rows.end);
+                let positive = end.saturating_sub(REQUEST_END_TOKENS).max(rows.start)..end;
+                let before = rows.start..ins.start.clamp(rows.start, end);
+                labels.extend(std::iter::repeat(true).take(positive.len()).chain(std::iter::repeat(false).take(before.len())));
+                idx.extend(positive.chain(before));
+            } else {
+                labels.extend(std::iter::repeat(false).take(rows.len()));
+                idx.extend(rows.clone());
+            }
+        }
+        logistic_direction(self.acts.select(Axis(0), &idx).view(), &labels)
+    }
+
+    fn score(&self, direction: ArrayView1<f32>, i: usize) -> f32 {
+        let rows = self.acts.slice(ndarray::s![self.rows[i].clone(), ..]);
+        rows.dot(&direction).iter().copied().fold(f32::NAN, f32::max)
+    }
+}
+
+/// A probe's direction and the harmless training scores' mean and spread,
+/// which put scores of different fits (and parts) on one scale.
 pub struct Fit {
     pub direction: Array1<f32>,
-    centre: f32,
-    scale: f32,
+    pub centre: f32,
+    pub scale: f32,
 }
 
 impl Fit {
-    /// Fits on the rows of `x` where `train` holds; needs both classes.
-    pub fn new(x: ArrayView2<f32>, harmful: &[bool], train: impl Fn(usize) -> bool) -> Option<Fit> {
-        let rows = |class: bool| (0..x.nrows()).filter(|&i| train(i) && harmful[i] == class).collect::<Vec<_>>();
-        let (pos, neg) = (rows(true), rows(false));
-        if pos.is_empty() || neg.is_empty() {
-            return None;
-        }
-        let mean = |idx: &[usize]| x.select(Axis(0), idx).mean_axis(Axis(0)).expect("rows");
-        let diff = mean(&pos) - mean(&neg);
-        let norm = diff.dot(&diff).sqrt();
-        if !(norm > 0.0 && norm.is_finite()) {
-            return None;
-        }
-        let direction = diff / norm;
-        let proj: Vec<f32> = neg.iter().map(|&i| x.row(i).dot(&direction)).collect();
-        let centre = proj.iter().sum::<f32>() / proj.len() as f32;
-        let var = proj.iter().map(|p| (p - centre).powi(2)).sum::<f32>() / proj.len() as f32;
+    /// Fits `part` on the examples where `train` holds; needs both classes.
+    pub fn new(part: &dyn Part, harmful: &[bool], train: impl Fn(usize) -> bool) -> Option<Fit> {
+        let direction = part.fit(harmful, &train)?;
+        let neg: Vec<f32> = (0..harmful.len()).filter(|&i| train(i) && !harmful[i]).map(|i| part.score(direction.view(), i)).collect();
+        let centre = neg.iter().sum::<f32>() / neg.len() as f32;
+        let var = neg.iter().map(|p| (p - centre).powi(2)).sum::<f32>() / neg.len() as f32;
         Some(Fit { direction, centre, scale: var.sqrt().max(1e-6) })
     }
 
-    /// Score in harmless standard deviations above the harmless mean.
-    pub fn z(&self, row: ArrayView1<f32>) -> f32 {
-        (row.dot(&self.direction) - self.centre) / self.scale
-    }
-
-    /// The gate bias that puts its boundary at `threshold` (in `z` units).
-    pub fn bias(&self, threshold: f32) -> f32 {
-        -(self.centre + threshold * self.scale)
+    /// Example `i`'s score in harmless standard deviations above the harmless mean.
+    pub fn z(&self, part: &dyn Part, i: usize) -> f32 {
+        (part.score(self.direction.view(), i) - self.centre) / self.scale
     }
 }
 
 /// Out-of-fold scores: each example scored by a fit that saw neither its fold
 /// nor any example asking the same instruction.
-pub fn out_of_fold(x: ArrayView2<f32>, labels: &Labels) -> Vec<f32> {
-    let mut z = vec![f32::NAN; x.nrows()];
+pub fn out_of_fold(part: &dyn Part, labels: &Labels) -> Vec<f32> {
+    let n = labels.harmful.len();
+    let mut z = vec![f32::NAN; n];
     let folds: BTreeSet<usize> = labels.fold.iter().copied().collect();
     for f in folds {
-        let held: Vec<usize> = (0..x.nrows()).filter(|&i| labels.fold[i] == f).collect();
+        let held: Vec<usize> = (0..n).filter(|&i| labels.fold[i] == f).collect();
         let asked: HashSet<(bool, usize)> = held.iter().map(|&i| (labels.harmful[i], labels.instruction[i])).collect();
-        let train = |i: usize| labels.fold[i] != f && !asked.contains(&(labels.harmful[i], labels.instruction[i]));
-        if let Some(fit) = Fit::new(x, labels.harmful, train) {
+        // Parts may hold more examples than are labelled (held-out prompts): never train on those.
+        let train = |i: usize| i < n && labels.fold[i] != f && !asked.contains(&(labels.harmful[i], labels.instruction[i]));
+        if let Some(fit) = Fit::new(part, labels.harmful, train) {
             for &i in &held {
-                z[i] = fit.z(x.row(i));
+                z[i] = fit.z(part, i);
             }
         }
     }
@@ -155,6 +209,15 @@ pub fn candidate_layers(n_layer: usize) -> Vec<usize> {
     (1..=top).collect()
 }
 
+/// Layers the request part may read: 40%, 50% and 60% of the depth, where
+/// harmfulness (not yet the answer) is encoded; per-token captures are large,
+/// so only these few.
+pub fn request_layers(n_layer: usize) -> Vec<usize> {
+    let mut layers: Vec<usize> = [4, 5, 6].iter().map(|t| ((n_layer * t + 5) / 10).clamp(1, n_layer.saturating_sub(2).max(1))).collect();
+    layers.dedup();
+    layers
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,11 +255,11 @@ mod tests {
         let labels = Labels { harmful: &harmful, family: &family, fold: &fold, instruction: &instruction, multi_turn: 99 };
         // Training accuracy on plain prompts alone would pick the lexical layer.
         let plain: Vec<usize> = (0..harmful.len()).filter(|&i| family[i] == 0).collect();
-        let fit = Fit::new(lexical.view(), &harmful, |i| family[i] == 0).unwrap();
-        assert!(plain.iter().all(|&i| (fit.z(lexical.row(i)) > 3.0) == harmful[i]));
+        let fit = Fit::new(&Rows(lexical.clone()), &harmful, |i| family[i] == 0).unwrap();
+        assert!(plain.iter().all(|&i| (fit.z(&Rows(lexical.clone()), i) > 3.0) == harmful[i]));
 
-        let v_lex = validate(&out_of_fold(lexical.view(), &labels), &labels, 3, 0.02);
-        let v_deep = validate(&out_of_fold(deep.view(), &labels), &labels, 3, 0.02);
+        let v_lex = validate(&out_of_fold(&Rows(lexical.clone()), &labels), &labels, 3, 0.02);
+        let v_deep = validate(&out_of_fold(&Rows(deep.clone()), &labels), &labels, 3, 0.02);
         assert!(v_deep.worst_tpr > v_lex.worst_tpr, "{v_deep:?} vs {v_lex:?}");
         assert_eq!(best([(1, &v_lex), (2, &v_deep)]), Some(2));
     }
@@ -205,7 +268,7 @@ mod tests {
     fn the_threshold_keeps_every_harmless_group_under_the_allowed_rate() {
         let (_, deep, harmful, family, fold, instruction) = toy();
         let labels = Labels { harmful: &harmful, family: &family, fold: &fold, instruction: &instruction, multi_turn: 2 };
-        let z = out_of_fold(deep.view(), &labels);
+        let z = out_of_fold(&Rows(deep.clone()), &labels);
         for max_fpr in [0.0, 0.05, 0.2] {
             let v = validate(&z, &labels, 3, max_fpr);
             assert!(v.fpr.iter().all(|&f| f <= max_fpr + 1e-6), "{max_fpr}: {v:?}");
@@ -213,9 +276,39 @@ mod tests {
     }
 
     #[test]
+    fn the_request_part_finds_an_instruction_a_template_goes_on_after() {
+        // Each example: 6 tokens in 2-D. A harmful instruction ends at token 2
+        // with a spike on dimension 0; the template then goes on, so its last
+        // token looks like any harmless one.
+        let (mut acts, mut rows, mut instruction, mut harmful) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 0..60 {
+            let h = i % 2 == 0;
+            let start = rows.len() * 6;
+            for t in 0..6 {
+                let jitter = ((i * 5 + t * 3) % 7) as f32 * 0.05;
+                let spike = if h && t == 2 { 2.0 } else { 0.0 };
+                acts.extend([spike + jitter, 1.0 - jitter]);
+            }
+            rows.push(start..start + 6);
+            instruction.push(start + 1..start + 3);
+            harmful.push(h);
+        }
+        let acts = Array2::from_shape_vec((360, 2), acts).unwrap();
+        let part = RequestTokens { acts: acts.view(), rows: &rows, instruction: &instruction };
+        let fit = Fit::new(&part, &harmful, |_| true).unwrap();
+        assert!(fit.direction[0] > 0.9, "{:?}", fit.direction);
+        assert!((0..60).all(|i| (fit.z(&part, i) > 3.0) == harmful[i]));
+        let last_tokens = Array2::from_shape_fn((60, 2), |(i, d)| acts[[rows[i].end - 1, d]]);
+        let last = Fit::new(&Rows(last_tokens.clone()), &harmful, |_| true);
+        assert!(last.is_none_or(|f| (0..60).any(|i| (f.z(&Rows(last_tokens.clone()), i) > 3.0) != harmful[i])));
+    }
+
+    #[test]
     fn candidate_layers_drop_the_last_fifth() {
         assert_eq!(candidate_layers(24), (1..=19).collect::<Vec<_>>());
         assert_eq!(candidate_layers(18), (1..=14).collect::<Vec<_>>());
         assert_eq!(candidate_layers(2), vec![1]);
+        assert_eq!(request_layers(24), vec![10, 12, 14]);
+        assert_eq!(request_layers(18), vec![7, 9, 11]);
     }
 }

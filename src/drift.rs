@@ -32,7 +32,8 @@ pub struct LayerDrift {
     pub random_share_max: f64,
 }
 
-/// How the aligned model's gate scores move on the target.
+/// How the aligned model's one-direction gate (its safety direction on the
+/// last token at the gate layer) scores move on the target.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GateShift {
     pub layer: usize,
@@ -125,14 +126,14 @@ pub fn measure(aligned: ArrayView3<f32>, target: ArrayView3<f32>, layers: &[usiz
     }
     let gate = gate.map(|gate| {
         let scores = |acts: &ArrayView3<f32>| -> Vec<f32> {
-            let at = acts.index_axis(Axis(1), gate.layer);
-            (0..n_prompts).map(|i| gate.score(row(&at, i))).collect()
+            let at = acts.index_axis(Axis(1), gate.layer());
+            (0..n_prompts).map(|i| gate.score_single(row(&at, i))).collect()
         };
         let (sa, st) = (scores(&aligned), scores(&target));
         let mean = |s: &[f32]| s.iter().map(|&x| x as f64).sum::<f64>() / n_prompts as f64;
         let flips = |from: &[f32], to: &[f32]| from.iter().zip(to).filter(|(&f, &t)| Gate::is_harmful(f) && !Gate::is_harmful(t)).count();
         GateShift {
-            layer: gate.layer,
+            layer: gate.layer(),
             mean_score_aligned: mean(&sa),
             mean_score_target: mean(&st),
             flipped_to_harmless: flips(&sa, &st),

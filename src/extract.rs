@@ -7,14 +7,14 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use indicatif::ProgressBar;
-use ndarray::Axis;
+use ndarray::{Array2, Axis};
 use sha2::{Digest, Sha256};
 
-use crate::capture::{capture_prompts, DecodeStats};
-use crate::crossval::{best, candidate_layers, out_of_fold, validate, Fit, Labels};
-use crate::gate::{fit_layer, rates, LayerActs};
+use crate::capture::{capture_prompts, DecodeStats, RequestCapture};
+use crate::crossval::{self, best, candidate_layers, request_layers, validate, Fit, Labels, Part, RequestTokens, Rows, Validation};
+use crate::gate::{fit_layer, rates, LayerActs, Read as GateRead, Term};
 use crate::llama::{ContextParams, Model};
-use crate::prompts::{prepare, Template};
+use crate::prompts::{prepare, request_start, Template};
 use crate::trainset::{Recipe, TrainSet, PLAIN};
 use crate::vectors::{Calibration, DataIdentity, DataSet, GateFit, LayerStats, ModelIdentity, VectorFile};
 use crate::wrappers::Wrappers;
@@ -53,10 +53,20 @@ pub fn steerable_layers(model: &Model) -> Vec<usize> {
     (1..model.n_layer()).collect()
 }
 
+/// One part of a candidate gate: the last-token rows at a layer, or the
+/// request's tokens at a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum PartKey {
+    Rows(usize),
+    Request(usize),
+}
+
 /// Decodes every prompt once (training prompts plain, wrapped and in
 /// conversations; held-out prompts plain), fits a steering direction per layer
-/// on the plain training prompts, and chooses the gate's layer, read position
-/// and threshold by cross-validation over held-out families.
+/// on the plain training prompts, and chooses the gate by cross-validation
+/// over held-out families: probes on the last tokens (the last prompt token
+/// and the user's own last token, side by side) at each candidate layer, on
+/// every request token at a few middle layers, and sums of one of each.
 pub fn extract(
     model: &Model,
     template: &Template,
@@ -69,69 +79,141 @@ pub fn extract(
 ) -> Result<Extraction> {
     let n_ctx = params.n_ctx as usize;
     let set = TrainSet::build(&harmful.train, &harmless.train, wrappers, options.recipe);
-    let mut tokens = set.tokens(model, template, n_ctx)?;
-    let n_train = tokens.len();
+    let templated = set.tokens(model, template, n_ctx)?;
+    let n_train = templated.len();
+    let mut tokens: Vec<Vec<i32>> = templated.iter().map(|t| t.tokens.clone()).collect();
     tokens.extend(prepare(model, template, &harmful.held_out, n_ctx)?);
     tokens.extend(prepare(model, template, &harmless.held_out, n_ctx)?);
-    // The last token of the user's own text, before the end of turn and the
-    // assistant header, is a second place the gate may read.
+    let header = template.user_header(model)?;
+    let starts: Vec<usize> = tokens.iter().map(|t| request_start(t, &header)).collect();
+    // The last token, and the last token of the user's own text (before the
+    // end of turn and the assistant header), side by side.
     let offsets: Vec<usize> = std::iter::once(0).chain(template.post_instruction_len(model)?.filter(|&n| n > 0)).collect();
     let layers = steerable_layers(model);
-    let (acts, stats) = capture_prompts(model, params, &tokens, &offsets, &layers, progress)?;
-    let rows = |prompts: &mut dyn Iterator<Item = usize>, offset: usize| -> Vec<usize> { prompts.map(|p| p * offsets.len() + offset).collect() };
+    let request_layers = request_layers(model.n_layer());
+    let request = RequestCapture { starts: &starts, layers: &request_layers };
+    let captured = capture_prompts(model, params, &tokens, &offsets, &layers, Some(request), progress)?;
+    let acts = &captured.acts;
 
-    let plain = |class: bool| rows(&mut (0..n_train).filter(|&i| set.examples[i].harmful == class && set.examples[i].family == PLAIN), 0);
+    // Steering directions: mean differences of the plain training prompts' last tokens.
+    let slot = |p: usize, k: usize| p * offsets.len() + k;
+    let plain = |class: bool| (0..n_train).filter(|&i| set.examples[i].harmful == class && set.examples[i].family == PLAIN).map(|i| slot(i, 0)).collect::<Vec<_>>();
     let n_held = harmful.held_out.len();
-    let groups = [plain(true), plain(false), rows(&mut (n_train..n_train + n_held), 0), rows(&mut (n_train + n_held..tokens.len()), 0)];
+    let groups = [plain(true), plain(false), (n_train..n_train + n_held).map(|i| slot(i, 0)).collect(), (n_train + n_held..tokens.len()).map(|i| slot(i, 0)).collect()];
     let mut directions = BTreeMap::new();
     let mut fitted = Vec::new();
     for &layer in &layers {
         let at = acts.index_axis(Axis(1), layer);
-        let [ht, bt, hh, bh] = groups.each_ref().map(|g| at.select(Axis(0), g));
+        let [ht, bt, hh, bh] = groups.each_ref().map(|g: &Vec<usize>| at.select(Axis(0), g));
         let (direction, stats) = fit_layer(layer, &LayerActs { harmful_train: ht.view(), harmless_train: bt.view(), harmful_held: hh.view(), harmless_held: bh.view() });
         directions.insert(layer, direction);
         fitted.push(stats);
     }
 
+    // Every prompt's features for each part; cross-validation uses the training prompts' only.
+    let rows_at = |layer: usize| -> Array2<f32> {
+        Array2::from_shape_fn((tokens.len(), offsets.len() * model.n_embd()), |(p, j)| acts[[slot(p, j / model.n_embd()), layer, j % model.n_embd()]])
+    };
+    let mut ranges = Vec::with_capacity(tokens.len());
+    for (t, &start) in tokens.iter().zip(&starts) {
+        let at = ranges.last().map_or(0, |r: &std::ops::Range<usize>| r.end);
+        ranges.push(at..at + t.len() - start);
+    }
+    let instruction: Vec<std::ops::Range<usize>> = (0..tokens.len())
+        .map(|p| match templated.get(p) {
+            Some(t) => ranges[p].start + t.instruction.start.saturating_sub(starts[p])..ranges[p].start + t.instruction.end.saturating_sub(starts[p]),
+            None => ranges[p].clone(),
+        })
+        .collect();
+    let labels_harmful: Vec<bool> = set.examples.iter().map(|e| e.harmful).chain((0..tokens.len() - n_train).map(|i| i < n_held)).collect();
     let labels = Labels {
-        harmful: &set.examples.iter().map(|e| e.harmful).collect::<Vec<_>>(),
+        harmful: &labels_harmful[..n_train],
         family: &set.examples.iter().map(|e| e.family).collect::<Vec<_>>(),
         fold: &set.folds(),
         instruction: &set.examples.iter().map(|e| e.instruction).collect::<Vec<_>>(),
         multi_turn: set.families.len() - 1,
     };
-    let train_at = |layer: usize, offset: usize| acts.index_axis(Axis(1), layer).select(Axis(0), &rows(&mut (0..n_train), offset));
-    let mut validated = BTreeMap::new();
-    for layer in candidate_layers(model.n_layer()) {
-        for offset in 0..offsets.len() {
-            let z = out_of_fold(train_at(layer, offset).view(), &labels);
-            validated.insert((layer, offset), validate(&z, &labels, set.families.len(), options.max_fpr));
+    let row_layers = candidate_layers(model.n_layer());
+    let part = |key: PartKey| -> Box<dyn Part + '_> {
+        match key {
+            PartKey::Rows(l) => Box::new(Rows(rows_at(l))),
+            PartKey::Request(l) => {
+                let k = request_layers.iter().position(|&r| r == l).expect("a request layer");
+                Box::new(RequestTokens { acts: captured.request[k].view(), rows: &ranges, instruction: &instruction })
+            }
         }
+    };
+    let keys: Vec<PartKey> = row_layers.iter().map(|&l| PartKey::Rows(l)).chain(request_layers.iter().map(|&l| PartKey::Request(l))).collect();
+    progress.set_message("validate");
+    let out_of_fold: BTreeMap<PartKey, Vec<f32>> = keys.iter().map(|&k| (k, crossval::out_of_fold(&*part(k), &labels))).collect();
+
+    // Candidates: every part alone, and every last-token part with every request part.
+    let mut candidates: Vec<Vec<PartKey>> = keys.iter().map(|&k| vec![k]).collect();
+    for &r in &request_layers {
+        candidates.extend(row_layers.iter().map(|&l| vec![PartKey::Rows(l), PartKey::Request(r)]));
     }
-    let (gate_layer, offset) = best(validated.iter().map(|(k, v)| (*k, v))).context("no candidate gate layer")?;
-    let chosen = &validated[&(gate_layer, offset)];
-    let fit = Fit::new(train_at(gate_layer, offset).view(), labels.harmful, |_| true).context("cannot fit the gate: a class has no prompts")?;
-    let bias = fit.bias(chosen.threshold);
+    let n_families = set.families.len();
+    let validated: Vec<(Vec<PartKey>, Validation)> = candidates
+        .into_iter()
+        .map(|parts| {
+            let z: Vec<f32> = (0..n_train).map(|i| parts.iter().map(|k| out_of_fold[k][i]).sum()).collect();
+            let v = validate(&z, &labels, n_families, options.max_fpr);
+            (parts, v)
+        })
+        .collect();
+    // Ties go to the gate that decides earliest, then the one with fewer parts.
+    let rank = |i: usize| (validated[i].0.iter().map(|&k| part_layer(k)).max().unwrap_or(0), validated[i].0.len(), i);
+    let chosen = best((0..validated.len()).map(|i| (rank(i), &validated[i].1))).context("no candidate gate")?;
+    let (parts, validation) = &validated[chosen.2];
+
+    // The final gate: each chosen part fitted on every training prompt, on the cross-validated scale.
+    let train = |i: usize| i < n_train;
+    let mut terms = Vec::new();
+    let mut bias = -validation.threshold;
+    let mut fits = Vec::new();
+    for &key in parts {
+        let p = part(key);
+        let fit = Fit::new(&*p, &labels_harmful, train).context("cannot fit the gate: a class has no prompts")?;
+        let read = match key {
+            PartKey::Rows(_) => GateRead::Tokens(offsets.clone()),
+            PartKey::Request(_) => GateRead::RequestMax,
+        };
+        terms.push(Term { layer: part_layer(key), read, weights: (&fit.direction / fit.scale).to_vec() });
+        bias -= fit.centre / fit.scale;
+        fits.push((p, fit));
+    }
+    let score = |i: usize| fits.iter().map(|(p, f)| f.z(&**p, i)).sum::<f32>() - validation.threshold;
 
     for s in &mut fitted {
-        let Some(v) = validated.get(&(s.layer, offset)) else { continue };
+        let Some((_, v)) = validated.iter().find(|(p, _)| p == &vec![PartKey::Rows(s.layer)]) else { continue };
         (s.tpr, s.fpr, s.worst_tpr) = (v.family_tpr[PLAIN], v.fpr.iter().copied().fold(0.0, f32::max), v.worst_tpr);
         s.accuracy = 0.5 * (v.mean_tpr + 1.0 - s.fpr);
-        if s.layer == gate_layer {
-            s.bias = bias;
-        }
     }
     let held_out = (n_held > 0 && tokens.len() > n_train + n_held).then(|| {
-        let at = acts.index_axis(Axis(1), gate_layer);
-        let score = |r: std::ops::Range<usize>| rows(&mut r.into_iter(), offset).iter().map(|&i| at.row(i).dot(&fit.direction) + bias).collect::<Vec<_>>();
-        let r = rates(&score(n_train..n_train + n_held), &score(n_train + n_held..tokens.len()));
+        let r = rates(&(n_train..n_train + n_held).map(score).collect::<Vec<_>>(), &(n_train + n_held..tokens.len()).map(score).collect::<Vec<_>>());
         (r.tpr, r.fpr)
     });
-    let family_tpr = (0..set.families.len())
-        .map(|f| (0..model.n_layer()).map(|l| validated.get(&(l, offset)).map_or(f32::NAN, |v| v.family_tpr[f])).collect())
+    let family_tpr = (0..n_families)
+        .map(|f| (0..model.n_layer()).map(|l| validated.iter().find(|(p, _)| p == &vec![PartKey::Rows(l)]).map_or(f32::NAN, |(_, v)| v.family_tpr[f])).collect())
         .collect();
-    let gate = GateFit { offset: offsets[offset], direction: Some(fit.direction.to_vec()), families: set.families.clone(), family_tpr, held_out };
-    Ok(Extraction { directions, layers: fitted, gate_layer, gate, stats })
+    let gate = GateFit {
+        offset: 0,
+        direction: None,
+        families: set.families.clone(),
+        family_tpr,
+        held_out,
+        terms,
+        bias: Some(bias),
+        chosen: Some((validation.family_tpr.clone(), validation.fpr.to_vec())),
+    };
+    let gate_layer = gate.terms.iter().map(|t| t.layer).max().unwrap_or(1);
+    Ok(Extraction { directions, layers: fitted, gate_layer, gate, stats: captured.stats })
+}
+
+fn part_layer(key: PartKey) -> usize {
+    match key {
+        PartKey::Rows(l) | PartKey::Request(l) => l,
+    }
 }
 
 pub fn sha256_file(path: &Path) -> Result<(String, u64)> {

@@ -1,55 +1,167 @@
-//! The guidance gate: is this request harmful? A linear test on the last
-//! prompt token's activation at one layer, `a . s_hat + b > 0`.
+//! The guidance gate: is this request harmful? A sum of linear terms on the
+//! residual stream, each read at one layer, plus a bias; harmful when positive.
+//! A term reads either tokens a fixed distance before the prompt's last (the
+//! last token, the user's own last token) or every token of the request, of
+//! which it takes the largest projection: a harmful request buried inside a
+//! jailbreak template peaks where it is said, wherever that is.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use ndarray::{ArrayView1, ArrayView2, Axis};
 
 use crate::vectors::{LayerStats, VectorFile};
 
-#[derive(Clone, Debug)]
-pub struct Gate {
+/// Which tokens a gate term reads.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Read {
+    /// The tokens this many before the prompt's last (0: the last), each with
+    /// its own slice of the weights, in this order.
+    Tokens(Vec<usize>),
+    /// Every token from the start of the request (the last user turn's
+    /// content) to the end of the prompt: the largest projection counts.
+    RequestMax,
+}
+
+/// One linear read of the residual stream at `layer` (`l_out-<layer>`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Term {
     pub layer: usize,
-    /// Tokens before the prompt's last that the gate reads (0: the last).
-    pub offset: usize,
-    /// Unit safety-related direction at `layer`.
-    pub direction: Vec<f32>,
+    pub read: Read,
+    /// `n_embd` weights per token read (one slice for [`Read::RequestMax`]).
+    pub weights: Vec<f32>,
+}
+
+impl Term {
+    /// Weights times the activation `row` of the `k`-th token read.
+    pub fn project(&self, k: usize, row: &[f32]) -> f32 {
+        let n = row.len();
+        self.weights.get(k * n..(k + 1) * n).map_or(f32::NAN, |w| dot(row, w))
+    }
+
+    /// Tokens of [`Read::Tokens`] (none for [`Read::RequestMax`]).
+    pub fn offsets(&self) -> &[usize] {
+        match &self.read {
+            Read::Tokens(offsets) => offsets,
+            Read::RequestMax => &[],
+        }
+    }
+
+    /// `12:tokens:5,0` or `12:request_max`, as files and reports write it.
+    pub fn describe(&self) -> String {
+        match &self.read {
+            Read::Tokens(o) => format!("{}:tokens:{}", self.layer, o.iter().map(usize::to_string).collect::<Vec<_>>().join(",")),
+            Read::RequestMax => format!("{}:request_max", self.layer),
+        }
+    }
+
+    /// The term [`describe`](Self::describe) wrote, with its weights.
+    pub fn parse(text: &str, weights: Vec<f32>, n_embd: usize) -> Result<Term> {
+        let bad = || format!("gate term {text:?} is not LAYER:tokens:A,B or LAYER:request_max");
+        let mut parts = text.splitn(3, ':');
+        let layer: usize = parts.next().and_then(|l| l.parse().ok()).with_context(bad)?;
+        let read = match (parts.next(), parts.next()) {
+            (Some("request_max"), None) => Read::RequestMax,
+            (Some("tokens"), Some(list)) => Read::Tokens(list.split(',').map(|o| o.parse().ok()).collect::<Option<Vec<usize>>>().with_context(bad)?),
+            _ => bail!(bad()),
+        };
+        let reads = match &read {
+            Read::Tokens(o) if !o.is_empty() => o.len(),
+            Read::Tokens(_) => bail!(bad()),
+            Read::RequestMax => 1,
+        };
+        if weights.len() != reads * n_embd || !weights.iter().all(|w| w.is_finite()) {
+            bail!("gate term {text} needs {} finite weights, the file has {}", reads * n_embd, weights.len());
+        }
+        Ok(Term { layer, read, weights })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gate {
+    pub terms: Vec<Term>,
     pub bias: f32,
 }
 
 impl Gate {
-    /// The file's calibrated gate, optionally at another layer (which reads
-    /// the last token with that layer's `direction.<k>`) or with another bias.
+    /// A gate of one direction read at one token: `a . direction + bias`.
+    pub fn single(layer: usize, offset: usize, direction: Vec<f32>, bias: f32) -> Gate {
+        Gate { terms: vec![Term { layer, read: Read::Tokens(vec![offset]), weights: direction }], bias }
+    }
+
+    /// The file's calibrated gate; with `layer`, the one-direction gate that
+    /// reads the last token at that layer with its `direction.<k>`; `bias`
+    /// replaces the calibrated bias.
     pub fn from_file(file: &VectorFile, layer: Option<usize>, bias: Option<f32>) -> Result<Gate> {
         let cal = file.calibration.as_ref();
-        let layer = match (layer, cal) {
-            (Some(l), _) => l,
-            (None, Some(cal)) => cal.gate_layer,
-            (None, None) => anyhow::bail!("the vector file has no gate calibration; pass --layer and --bias"),
-        };
-        let own = cal.filter(|c| c.gate_layer == layer).map(|c| &c.gate);
-        let offset = own.map_or(0, |g| g.offset);
-        let direction = match own.and_then(|g| g.direction.clone()) {
-            Some(d) => d,
-            None => file.direction(layer)?.to_vec(),
-        };
-        let bias = match bias {
-            Some(b) => b,
-            None => {
-                cal.and_then(|c| c.layer(layer)).map(|s| s.bias).with_context(|| {
-                    format!("the vector file has no calibrated bias for layer {layer}; pass --bias")
-                })?
+        let fit = cal.map(|c| &c.gate);
+        let mut gate = match (layer, cal) {
+            (None, Some(c)) if !c.gate.terms.is_empty() => {
+                Gate { terms: c.gate.terms.clone(), bias: c.gate.bias.context("the vector file's gate terms have no bias")? }
+            }
+            (layer, cal) => {
+                let layer = match (layer, cal) {
+                    (Some(l), _) => l,
+                    (None, Some(c)) => c.gate_layer,
+                    (None, None) => bail!("the vector file has no gate calibration; pass --layer and --bias"),
+                };
+                // The file's own single-direction gate keeps its read position and direction.
+                let own = fit.filter(|_| cal.is_some_and(|c| c.gate_layer == layer && c.gate.terms.is_empty()));
+                let direction = match own.and_then(|g| g.direction.clone()) {
+                    Some(d) => d,
+                    None => file.direction(layer)?.to_vec(),
+                };
+                let layer_bias = cal.and_then(|c| c.layer(layer)).map(|s| s.bias);
+                let b = bias.or(layer_bias).with_context(|| format!("the vector file has no calibrated bias for layer {layer}; pass --bias"))?;
+                Gate::single(layer, own.map_or(0, |g| g.offset), direction, b)
             }
         };
-        anyhow::ensure!(bias.is_finite(), "the gate bias must be a finite number");
-        Ok(Gate { layer, offset, direction, bias })
+        if let Some(b) = bias {
+            gate.bias = b;
+        }
+        anyhow::ensure!(gate.bias.is_finite(), "the gate bias must be a finite number");
+        Ok(gate)
     }
 
-    pub fn score(&self, activation: &[f32]) -> f32 {
-        dot(activation, &self.direction) + self.bias
+    /// The layer where the gate decides: its deepest term's.
+    pub fn layer(&self) -> usize {
+        self.terms.iter().map(|t| t.layer).max().unwrap_or(0)
     }
 
+    /// Layers the gate reads, each once.
+    pub fn layers(&self) -> Vec<usize> {
+        let mut layers: Vec<usize> = self.terms.iter().map(|t| t.layer).collect();
+        layers.sort_unstable();
+        layers.dedup();
+        layers
+    }
+
+    /// Prompt tokens that must be decoded together with the last one: those
+    /// the gate reads at a fixed distance before it, and the last.
+    pub fn tail(&self) -> usize {
+        self.terms.iter().flat_map(|t| t.offsets().iter()).max().map_or(1, |&o| o + 1)
+    }
+
+    /// Whether a term reads every token of the request.
+    pub fn reads_request(&self) -> bool {
+        self.terms.iter().any(|t| t.read == Read::RequestMax)
+    }
+
+    /// `terms` in the form [`Term::describe`] gives, `;`-separated.
+    pub fn describe(&self) -> String {
+        self.terms.iter().map(Term::describe).collect::<Vec<_>>().join(";")
+    }
+
+    /// The score of a one-direction gate ([`Gate::single`]) on the activation
+    /// it reads; NaN (harmful) for a gate of more terms.
+    pub fn score_single(&self, activation: &[f32]) -> f32 {
+        match self.terms.as_slice() {
+            [t] if t.offsets().len() == 1 => t.project(0, activation) + self.bias,
+            _ => f32::NAN,
+        }
+    }
+
+    /// A score the gate could not compute is harmful, never harmless.
     pub fn is_harmful(score: f32) -> bool {
-        score > 0.0
+        !(score <= 0.0)
     }
 }
 

@@ -11,7 +11,8 @@ use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
-use crate::capture::BatchAware;
+use crate::capture::{BatchAware, Reads};
+use crate::gate::Gate;
 use crate::llama::{Batch, BatchLayout, Context, Model};
 use crate::steer::{GateDecision, Mode, Shifter, SteerHook};
 
@@ -145,7 +146,7 @@ fn prefill<H: BatchAware>(ctx: &mut Context<'_, H>, batch: &mut Batch, tokens: &
         for i in range.start + start..range.end + start {
             batch.add(tokens[i], i as i32, seq, i + 1 == tokens.len());
         }
-        ctx.hook_mut().plan(&*batch, &[])?;
+        ctx.hook_mut().plan(&*batch, &Reads::NONE)?;
         ctx.decode(batch).context("prompt decode failed")?;
     }
     Ok(())
@@ -216,11 +217,12 @@ struct PrefixCache {
 }
 
 impl PrefixCache {
-    /// Tokens of `prompt` the cache can supply: its shared prefix, leaving the
-    /// last `tail` tokens (the gate's row and the last) to be decoded.
-    fn shared_with(&self, prompt: &[i32], tail: usize) -> usize {
+    /// Tokens of `prompt` the cache can supply: its shared prefix, before
+    /// `keep` (the first token the gate reads) and leaving the last `tail`
+    /// tokens (the gate's rows and the last) to be decoded.
+    fn shared_with(&self, prompt: &[i32], tail: usize, keep: usize) -> usize {
         let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-        common.min(prompt.len().saturating_sub(tail))
+        common.min(prompt.len().saturating_sub(tail)).min(keep)
     }
 }
 
@@ -349,8 +351,10 @@ impl<'c, 'm> Engine<'c, 'm> {
         self.use_control_vector(false)?;
         let tail = self.gate_tail();
         for a in admitted.iter_mut() {
-            a.cached = self.share_prefix(a.seq, requests[a.index].prompt, tail);
-            self.ctx.hook_mut().begin_request(a.seq)?;
+            let prompt = requests[a.index].prompt;
+            let start = self.ctx.hook().request_start(prompt);
+            a.cached = self.share_prefix(a.seq, prompt, tail, self.first_read(start));
+            self.ctx.hook_mut().begin_request(a.seq, start)?;
         }
         let capacity = self.batch.capacity();
         for group in self.groups(requests, admitted) {
@@ -401,14 +405,20 @@ impl<'c, 'm> Engine<'c, 'm> {
     }
 
     fn gate_tail(&self) -> usize {
-        self.ctx.hook().gate().map_or(1, |g| g.offset + 1)
+        self.ctx.hook().gate().map_or(1, Gate::tail)
+    }
+
+    /// The first prompt position the gate reads, for a request starting at
+    /// `start`: the cache must not supply it.
+    fn first_read(&self, start: usize) -> usize {
+        if self.ctx.hook().gate().is_some_and(Gate::reads_request) { start } else { usize::MAX }
     }
 
     /// Empties `seq` for a new prompt and shares into it the cached prefix
-    /// cells `prompt` starts with; returns how many tokens the cache supplies.
-    fn share_prefix(&mut self, seq: usize, prompt: &[i32], tail: usize) -> usize {
+    /// cells `prompt` starts with, up to `keep`; returns how many tokens the cache supplies.
+    fn share_prefix(&mut self, seq: usize, prompt: &[i32], tail: usize, keep: usize) -> usize {
         self.ctx.seq_rm(seq as i32, -1, -1);
-        let cached = self.prefix.as_ref().map_or(0, |p| p.shared_with(prompt, tail));
+        let cached = self.prefix.as_ref().map_or(0, |p| p.shared_with(prompt, tail, keep));
         if let (Some(p), true) = (&self.prefix, cached > 0) {
             self.ctx.seq_cp(p.seq as i32, seq as i32, 0, cached as i32);
         }
@@ -436,7 +446,7 @@ impl<'c, 'm> Engine<'c, 'm> {
             a.logits_row = (self.batch.len() - 1) as i32;
             self.stats.prompt_tokens += prompt.len() - a.cached;
         }
-        self.ctx.hook_mut().plan(&self.batch, &[])?;
+        self.ctx.hook_mut().plan(&self.batch, &Reads::NONE)?;
         self.ctx.decode(&mut self.batch).context("prompt decode failed")?;
         Ok(())
     }
@@ -502,8 +512,10 @@ impl<'c, 'm> Engine<'c, 'm> {
         let tail = self.gate_tail();
         for a in admitted.iter_mut() {
             // Cached rows are unshifted, which is all a gate-only pass needs.
-            a.cached = self.share_prefix(a.seq, requests[a.index].prompt, tail);
-            self.ctx.hook_mut().begin_gate_only(a.seq)?;
+            let prompt = requests[a.index].prompt;
+            let start = self.ctx.hook().request_start(prompt);
+            a.cached = self.share_prefix(a.seq, prompt, tail, self.first_read(start));
+            self.ctx.hook_mut().begin_gate_only(a.seq, start)?;
         }
         self.ctx.hook_mut().set_shifter(Shifter::GateOnly);
         // Nothing past the gate layer is used: not the logits, not the deeper
@@ -523,8 +535,8 @@ impl<'c, 'm> Engine<'c, 'm> {
 
     /// The gate's decision on sequence `seq` after a gate-only pass.
     fn moderation(&self, seq: usize) -> Result<GateDecision> {
-        let gate_layer = self.ctx.hook().gate().map(|g| g.layer).context("this guard has no gate")?;
-        if let Some(layer) = self.ctx.unseen(&[gate_layer]) {
+        let gate_layers = self.ctx.hook().gate().map(Gate::layers).context("this guard has no gate")?;
+        if let Some(layer) = self.ctx.unseen(&gate_layers) {
             bail!("the gate layer's output (l_out-{layer}) never reached the guard: start the server in gated mode");
         }
         self.ctx.hook().decision(seq).context("the gate did not decide on this input")
@@ -551,7 +563,7 @@ impl<'c, 'm> Engine<'c, 'm> {
                 slot.logits_row = self.batch.len() as i32;
                 self.batch.add(last, (slot.prompt_len + slot.tokens.len() - 1) as i32, seq as i32, true);
             }
-            self.ctx.hook_mut().plan(&self.batch, &[])?;
+            self.ctx.hook_mut().plan(&self.batch, &Reads::NONE)?;
             self.ctx.decode(&mut self.batch).context("decode failed")?;
             for &seq in run {
                 let sampled = self.sample(seq, on_event)?;

@@ -8,6 +8,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::gate::Gate;
 use crate::llama::Model;
+use crate::prompts::Template;
 use crate::steer::{format_layers, Mode, SteerHook, Steering};
 use crate::vectors::{Strength, VectorFile};
 
@@ -58,6 +59,8 @@ pub struct Guard {
     pub gate: Gate,
     pub steering: Steering,
     pub mode: Mode,
+    /// The chat template's user-turn header, where requests start (see [`Guard::use_template`]).
+    pub request_header: Vec<i32>,
 }
 
 impl GuardConfig {
@@ -93,7 +96,7 @@ impl GuardConfig {
             (None, None) => bail!(no_defaults()),
         };
         let steering = Steering::new(&steer_file, strength, &layers, shape.n_layer).with_context(|| format!("cannot steer with {}", steer_path.display()))?;
-        Ok(Guard { gate_file, gate_path, steer_path, gate, steering, mode: self.mode })
+        Ok(Guard { gate_file, gate_path, steer_path, gate, steering, mode: self.mode, request_header: Vec::new() })
     }
 
     /// A vector file that fits the model: its shape, and its architecture unless `any_model`.
@@ -111,7 +114,20 @@ impl Guard {
     }
 
     pub fn hook_for(&self, mode: Mode, n_seq: usize) -> Result<SteerHook> {
-        SteerHook::new(mode, Some(self.gate.clone()), self.steering.clone(), n_seq)
+        self.hook_with(mode, self.gate.clone(), self.steering.clone(), n_seq)
+    }
+
+    /// A hook with this guard's request header and another gate or steering.
+    pub fn hook_with(&self, mode: Mode, gate: Gate, steering: Steering, n_seq: usize) -> Result<SteerHook> {
+        let mut hook = SteerHook::new(mode, Some(gate), steering, n_seq)?;
+        hook.set_request_header(self.request_header.clone());
+        Ok(hook)
+    }
+
+    /// Requests are templated with `template`: the gate reads each from its last user turn on.
+    pub fn use_template(&mut self, model: &Model, template: &Template) -> Result<()> {
+        self.request_header = template.user_header(model)?;
+        Ok(())
     }
 
     /// The template the gate was calibrated with, if recorded.
@@ -121,10 +137,9 @@ impl Guard {
 
     pub fn describe(&self) -> String {
         format!(
-            "mode {:?}, gate layer {} (token {} before the last) bias {:.3} ({}), steer {} on layers {} ({})",
+            "mode {:?}, gate {} bias {:.3} ({}), steer {} on layers {} ({})",
             self.mode,
-            self.gate.layer,
-            self.gate.offset,
+            self.gate.describe(),
             self.gate.bias,
             self.gate_path.display(),
             describe_strength(self.steering.strength),

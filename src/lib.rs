@@ -28,6 +28,7 @@ pub mod judge;
 pub mod llama;
 pub mod output;
 pub mod plot;
+pub mod probe;
 pub mod prompts;
 pub mod server;
 pub mod shipped;

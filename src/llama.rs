@@ -148,10 +148,16 @@ pub struct LayerOutput<'a> {
     n_embd: usize,
     rows: usize,
     scratch: &'a mut Vec<f32>,
-    host: bool,
+    /// The rows, when they are in host memory.
+    host: Option<*mut f32>,
 }
 
-impl LayerOutput<'_> {
+impl<'a> LayerOutput<'a> {
+    /// Rows already in host memory, as a graph callback would see them (for hook tests).
+    pub fn from_host_rows(data: &'a mut [f32], n_embd: usize, scratch: &'a mut Vec<f32>) -> LayerOutput<'a> {
+        LayerOutput { tensor: std::ptr::null_mut(), n_embd, rows: data.len() / n_embd.max(1), scratch, host: Some(data.as_mut_ptr()) }
+    }
+
     pub fn n_embd(&self) -> usize {
         self.n_embd
     }
@@ -165,9 +171,9 @@ impl LayerOutput<'_> {
     /// Reads the rows (row-major, `rows * n_embd`).
     pub fn read<R>(&mut self, f: impl FnOnce(&[f32]) -> R) -> R {
         let len = self.rows * self.n_embd;
-        if self.host {
+        if let Some(data) = self.host {
             // SAFETY: host buffer, contiguous F32 checked by the trampoline.
-            f(unsafe { std::slice::from_raw_parts((*self.tensor).data as *const f32, len) })
+            f(unsafe { std::slice::from_raw_parts(data, len) })
         } else {
             self.scratch.resize(len, 0.0);
             // SAFETY: synchronous copy of exactly the tensor's bytes.
@@ -181,10 +187,10 @@ impl LayerOutput<'_> {
     /// Edits the rows in place; what is written flows into every later node.
     pub fn modify<R>(&mut self, f: impl FnOnce(&mut [f32]) -> R) -> R {
         let len = self.rows * self.n_embd;
-        if self.host {
+        if let Some(data) = self.host {
             // SAFETY: as in `read`; nothing else touches the tensor while the
             // scheduler waits for this callback.
-            f(unsafe { std::slice::from_raw_parts_mut((*self.tensor).data as *mut f32, len) })
+            f(unsafe { std::slice::from_raw_parts_mut(data, len) })
         } else {
             self.scratch.resize(len, 0.0);
             unsafe {
@@ -373,7 +379,7 @@ unsafe extern "C" fn trampoline<H: LayerHook>(
         n_embd: tensor.ne[0] as usize,
         rows: tensor.ne[1] as usize,
         scratch,
-        host,
+        host: host.then_some(tensor.data as *mut f32),
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook.on_layer(layer, &mut out).map(|()| hook.stop_after(layer)))) {
         Ok(Ok(stop)) => return !stop,
@@ -682,6 +688,8 @@ impl<H: LayerHook> Drop for Context<'_, H> {
 pub trait BatchLayout {
     fn len(&self) -> usize;
     fn seq(&self, i: usize) -> i32;
+    /// Position of token `i` in its sequence.
+    fn pos(&self, i: usize) -> i32;
     /// Whether token `i` requested output (logits, and a row in the last layer).
     fn is_output(&self, i: usize) -> bool;
 }
@@ -708,6 +716,14 @@ impl BatchLayout for ForeignBatch<'_> {
             return 0;
         }
         unsafe { if *self.0.n_seq_id.add(i) > 0 { **self.0.seq_id.add(i) } else { 0 } }
+    }
+
+    fn pos(&self, i: usize) -> i32 {
+        // No pos array: the guard cannot tell where a request starts, so it reads every token.
+        if self.0.pos.is_null() {
+            return i32::MAX;
+        }
+        unsafe { *self.0.pos.add(i) }
     }
 
     fn is_output(&self, i: usize) -> bool {
@@ -772,6 +788,11 @@ impl BatchLayout for Batch {
     fn is_output(&self, i: usize) -> bool {
         assert!(i < self.len());
         unsafe { *self.raw.logits.add(i) != 0 }
+    }
+
+    fn pos(&self, i: usize) -> i32 {
+        assert!(i < self.len());
+        unsafe { *self.raw.pos.add(i) }
     }
 }
 

@@ -133,6 +133,25 @@ impl Template {
         Ok(whole.starts_with(&head).then(|| whole.len() - head.len()))
     }
 
+    /// Tokens that open a user turn's content (the end of the turn before and
+    /// the user header, as far as every user turn shares them): the request
+    /// the gate reads starts after their last occurrence. Empty for `raw`.
+    pub fn user_header(&self, model: &Model) -> Result<Vec<i32>> {
+        const FIRST: &str = "Say the word probe";
+        const REPLY: &str = "The word probe";
+        const SECOND: &str = "Say the word other";
+        let one = self.apply(model, FIRST)?;
+        let two = self.apply_chat(model, &[("user", FIRST), ("assistant", REPLY), ("user", SECOND)])?;
+        let (Some(a), Some(b)) = (one.rfind(FIRST), two.rfind(SECOND)) else { return Ok(Vec::new()) };
+        let (a, b) = (&one[..a], &two[..b]);
+        let common = a.chars().rev().zip(b.chars().rev()).take_while(|(x, y)| x == y).map(|(c, _)| c.len_utf8()).sum::<usize>();
+        let header = &a[a.len() - common..];
+        if header.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(model.llama().vocab().tokenize(header.as_bytes(), false, true).into_iter().map(|t| t.0).collect())
+    }
+
     /// The text the model sees for one user turn, with the generation prompt.
     pub fn apply(&self, model: &Model, instruction: &str) -> Result<String> {
         self.apply_chat(model, &[("user", instruction)])
@@ -198,6 +217,19 @@ pub fn tokenize(model: &Model, text: &str) -> Result<Vec<i32>> {
     Ok(tokens.into_iter().map(|t| t.0).collect())
 }
 
+/// Where the request starts in templated `tokens`: after the last
+/// `header` (see [`Template::user_header`]); 0 (the whole prompt) without one.
+/// The header's last token may merge with the content's first characters
+/// (a newline before a newline): then the request starts at the merged token.
+pub fn request_start(tokens: &[i32], header: &[i32]) -> usize {
+    let last = |h: &[i32]| (h.len() <= tokens.len() && !h.is_empty()).then(|| (0..=tokens.len() - h.len()).rev().find(|&i| tokens[i..i + h.len()] == *h)).flatten();
+    match (last(header), header.split_last()) {
+        (Some(i), _) => i + header.len(),
+        (None, Some((_, head))) if head.len() >= 2 => last(head).map_or(0, |i| i + head.len()),
+        _ => 0,
+    }
+}
+
 /// Template and tokenize every prompt; fails naming a prompt that does not fit `n_ctx`.
 pub fn prepare(model: &Model, template: &Template, prompts: &[String], n_ctx: usize) -> Result<Vec<Vec<i32>>> {
     prompts
@@ -230,5 +262,20 @@ pub fn preview(prompt: &str) -> String {
         prompt.to_string()
     } else {
         format!("{}…", prompt.chars().take(MAX).collect::<String>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_starts_after_the_last_user_header() {
+        let header = [7, 8, 9];
+        assert_eq!(request_start(&[1, 7, 8, 9, 4, 5, 7, 8, 9, 6, 2], &header), 9);
+        // The header's last token merged into the content: start at the merged token.
+        assert_eq!(request_start(&[1, 7, 8, 10, 4], &header), 3);
+        assert_eq!(request_start(&[1, 2, 3], &header), 0, "no header: the whole prompt");
+        assert_eq!(request_start(&[1, 2, 3], &[]), 0);
     }
 }

@@ -1,16 +1,19 @@
 //! Where the gate decides and the shift happens.
 //!
-//! [`SteerHook`] runs inside llama.cpp's graph. At the gate layer it reads each
-//! request's last prompt token and scores it; for requests it flags (or for all,
-//! in `always` mode) it adds `alpha * theta_l` to every row of that request at
-//! every steered layer `l`. Rows of other requests are never touched, so
-//! requests sharing a batch are steered independently.
+//! [`SteerHook`] runs inside llama.cpp's graph. At each layer the gate reads
+//! it adds up what the gate's terms see of each request (its last tokens,
+//! every token of its request) and at the gate's deepest layer it decides; for
+//! requests it flags (or for all, in `always` mode) it adds `alpha * theta_l`
+//! to every row of that request at every steered layer `l`. Rows of other
+//! requests are never touched, so requests sharing a batch are steered
+//! independently.
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::capture::{BatchAware, LastToken};
-use crate::gate::Gate;
+use crate::capture::{BatchAware, Reads};
+use crate::gate::{Gate, Read};
 use crate::llama::{BatchLayout, Context, LayerHook, LayerOutput};
+use crate::prompts::request_start;
 use crate::vectors::{Strength, VectorFile};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,10 +197,15 @@ pub struct GateDecision {
 }
 
 /// Per-sequence state of a request.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Request {
     /// Its last prompt token is in a coming batch and must be gated.
     awaiting_gate: bool,
+    /// Position where its request starts: request terms read from there on.
+    start: usize,
+    /// Each gate term's value so far: the sum of its token projections, or
+    /// the largest projection of a request token (NaN: a read that failed).
+    partial: Vec<f32>,
     decision: Option<GateDecision>,
 }
 
@@ -208,14 +216,18 @@ pub struct SteerHook {
     shifter: Shifter,
     /// Stop the graph once the gate has read its layer (moderation).
     stop_at_gate: bool,
+    /// The chat template's user-turn header: a request starts after its last occurrence.
+    request_header: Vec<i32>,
     requests: Vec<Request>,
     n_tokens: usize,
     /// Sequence of each token row, and of each output row, in the current batch.
     row_seq: Vec<usize>,
     output_seq: Vec<usize>,
-    /// (token row, output row, sequence) of the tokens to gate in this batch;
-    /// None where the token is not in the batch, or is no output row.
-    gate_rows: Vec<(Option<usize>, Option<usize>, usize)>,
+    /// (token row, output row, sequence) of the last prompt tokens this batch
+    /// gates, whose decision is taken in it.
+    deciding: Vec<(usize, Option<usize>, usize)>,
+    /// (token row, sequence) of the request tokens of sequences awaiting the gate.
+    request_rows: Vec<(usize, usize)>,
 }
 
 impl SteerHook {
@@ -230,11 +242,13 @@ impl SteerHook {
             steering,
             shifter: Shifter::Hook,
             stop_at_gate: false,
+            request_header: Vec::new(),
             requests: vec![Request::default(); n_seq],
             n_tokens: 0,
             row_seq: Vec::new(),
             output_seq: Vec::new(),
-            gate_rows: Vec::new(),
+            deciding: Vec::new(),
+            request_rows: Vec::new(),
         })
     }
 
@@ -250,21 +264,35 @@ impl SteerHook {
         &self.steering
     }
 
-    /// A new request starts on `seq`: its next output token is its last prompt
-    /// token, which the gate reads.
-    pub fn begin_request(&mut self, seq: usize) -> Result<()> {
-        let mode = self.mode;
-        *self.request_mut(seq)? = Request {
-            awaiting_gate: mode == Mode::Gated,
-            decision: None,
-        };
-        Ok(())
+    /// Tokens that open a user turn in this guard's chat template
+    /// ([`Template::user_header`](crate::prompts::Template::user_header)); without
+    /// them a request is its whole prompt.
+    pub fn set_request_header(&mut self, header: Vec<i32>) {
+        self.request_header = header;
+    }
+
+    /// Where the request starts in `prompt`: the last user turn's content.
+    pub fn request_start(&self, prompt: &[i32]) -> usize {
+        request_start(prompt, &self.request_header)
+    }
+
+    /// A new request starts on `seq`, its request (the last user turn) at
+    /// position `start`: its next output token is its last prompt token, where
+    /// the gate decides.
+    pub fn begin_request(&mut self, seq: usize, start: usize) -> Result<()> {
+        let gated = self.mode == Mode::Gated;
+        self.begin(seq, start, gated)
     }
 
     /// `seq` is gated and never shifted, whatever the mode (moderation).
-    pub fn begin_gate_only(&mut self, seq: usize) -> Result<()> {
+    pub fn begin_gate_only(&mut self, seq: usize, start: usize) -> Result<()> {
         let gated = self.gate.is_some();
-        *self.request_mut(seq)? = Request { awaiting_gate: gated, decision: None };
+        self.begin(seq, start, gated)
+    }
+
+    fn begin(&mut self, seq: usize, start: usize, gated: bool) -> Result<()> {
+        let partial = self.gate.as_ref().map_or(Vec::new(), |g| g.terms.iter().map(|t| if t.read == Read::RequestMax { f32::NEG_INFINITY } else { 0.0 }).collect());
+        *self.request_mut(seq)? = Request { awaiting_gate: gated, start, partial, decision: None };
         Ok(())
     }
 
@@ -282,9 +310,7 @@ impl SteerHook {
     pub fn needed_layers(&self) -> Vec<usize> {
         match (self.mode, &self.gate) {
             (Mode::Plain, _) => Vec::new(),
-            (Mode::Gated, Some(gate)) => std::iter::once(gate.layer)
-                .chain(self.steering.layers.iter().copied())
-                .collect(),
+            (Mode::Gated, Some(gate)) => gate.layers().into_iter().chain(self.steering.layers.iter().copied()).collect(),
             _ => self.steering.layers.clone(),
         }
     }
@@ -310,7 +336,7 @@ impl SteerHook {
     /// one batch, so the decision precedes every shift.
     fn single_pass(&self, n_tokens: usize, n_batch: usize) -> bool {
         match (&self.gate, self.mode) {
-            (Some(gate), Mode::Gated) => gate.layer < self.steering.first_layer() && n_tokens <= n_batch,
+            (Some(gate), Mode::Gated) => gate.layer() < self.steering.first_layer() && n_tokens <= n_batch,
             _ => true,
         }
     }
@@ -354,30 +380,65 @@ impl SteerHook {
         self.row_seq.iter().any(|&s| self.is_steered(s))
     }
 
+    /// Whether the gate reads anything at `layer` in this batch.
+    fn gates_here(&self, layer: usize) -> bool {
+        let Some(gate) = &self.gate else { return false };
+        let decides = layer == gate.layer() && !self.deciding.is_empty();
+        decides
+            || gate.terms.iter().any(|t| {
+                t.layer == layer && if t.read == Read::RequestMax { !self.request_rows.is_empty() } else { !self.deciding.is_empty() }
+            })
+    }
+
+    /// Adds what the gate's terms at `layer` read in this batch to each
+    /// request's partial values; at the gate's own layer, decides.
     fn run_gate(&mut self, layer: usize, out: &mut LayerOutput) -> Result<()> {
-        let Some(gate) = &self.gate else {
-            return Ok(());
-        };
+        let Some(gate) = self.gate.take() else { return Ok(()) };
+        let result = self.read_terms(&gate, layer, out);
+        if result.is_ok() && layer == gate.layer() {
+            for &(_, _, seq) in &self.deciding {
+                let request = &mut self.requests[seq];
+                // A term that read nothing (no request token, a missing row) is NaN: harmful.
+                let score = request.partial.iter().map(|&v| if v == f32::NEG_INFINITY { f32::NAN } else { v }).sum::<f32>() + gate.bias;
+                request.awaiting_gate = false;
+                request.decision = Some(GateDecision { score, harmful: Gate::is_harmful(score), layer });
+            }
+            self.deciding.clear();
+        }
+        self.gate = Some(gate);
+        result
+    }
+
+    fn read_terms(&mut self, gate: &Gate, layer: usize, out: &mut LayerOutput) -> Result<()> {
         let n_embd = out.n_embd();
         let all_rows = out.rows() == self.n_tokens;
-        let mut decided = Vec::new();
+        let (deciding, request_rows, row_seq, requests) = (&self.deciding, &self.request_rows, &self.row_seq, &mut self.requests);
         out.read(|data| {
-            for &(token_row, output_row, seq) in &self.gate_rows {
-                // The gate reads a row only where this tensor has it; a
-                // decision it cannot take is "harmful", never "harmless".
-                let row = if all_rows { token_row } else { output_row };
-                let score = row.filter(|&r| r < data.len() / n_embd.max(1)).map_or(f32::NAN, |r| gate.score(&data[r * n_embd..(r + 1) * n_embd]));
-                let harmful = !score.is_finite() || Gate::is_harmful(score);
-                decided.push((seq, GateDecision { score, harmful, layer }));
+            let n_rows = data.len() / n_embd.max(1);
+            let row = |r: usize| (r < n_rows).then(|| &data[r * n_embd..(r + 1) * n_embd]);
+            for (t, term) in gate.terms.iter().enumerate().filter(|(_, t)| t.layer == layer) {
+                match &term.read {
+                    Read::Tokens(offsets) => {
+                        for &(token_row, output_row, seq) in deciding {
+                            for (k, &o) in offsets.iter().enumerate() {
+                                // The last layer keeps only output rows: there only the last token is there.
+                                let r = if all_rows { token_row.checked_sub(o) } else { output_row.filter(|_| o == 0) };
+                                let same_seq = r.is_some_and(|r| !all_rows || row_seq.get(r) == Some(&seq));
+                                let v = r.filter(|_| same_seq).and_then(row).map_or(f32::NAN, |a| term.project(k, a));
+                                requests[seq].partial[t] += v;
+                            }
+                        }
+                    }
+                    Read::RequestMax => {
+                        for &(r, seq) in request_rows {
+                            let v = all_rows.then(|| row(r)).flatten().map_or(f32::NAN, |a| term.project(0, a));
+                            let p = &mut requests[seq].partial[t];
+                            *p = if v.is_nan() || p.is_nan() { f32::NAN } else { p.max(v) };
+                        }
+                    }
+                }
             }
         });
-        for (seq, decision) in decided {
-            *self.request_mut(seq)? = Request {
-                awaiting_gate: false,
-                decision: Some(decision),
-            };
-        }
-        self.gate_rows.clear();
         Ok(())
     }
 
@@ -417,17 +478,16 @@ impl LayerHook for SteerHook {
     // back on) every node before it, so a gate that fired at an earlier layer
     // of this same graph is already visible here.
     fn wants(&mut self, layer: usize) -> bool {
-        let gate_here = !self.gate_rows.is_empty() && self.gate.as_ref().is_some_and(|g| g.layer == layer);
         let shift_here = self.shifter == Shifter::Hook && self.steering.shift(layer).is_some() && self.steers_any_row();
-        gate_here || shift_here
+        self.gates_here(layer) || shift_here
     }
 
     fn stop_after(&self, layer: usize) -> bool {
-        self.stop_at_gate && self.gate.as_ref().is_some_and(|g| g.layer == layer)
+        self.stop_at_gate && self.gate.as_ref().is_some_and(|g| g.layer() == layer)
     }
 
     fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) -> Result<()> {
-        if !self.gate_rows.is_empty() && self.gate.as_ref().is_some_and(|g| g.layer == layer) {
+        if self.gates_here(layer) {
             self.run_gate(layer, out)?;
         }
         match (self.shifter == Shifter::Hook, self.steering.shift(layer)) {
@@ -438,13 +498,13 @@ impl LayerHook for SteerHook {
 }
 
 impl BatchAware for SteerHook {
-    fn plan(&mut self, batch: &dyn BatchLayout, _: &[LastToken]) -> Result<()> {
+    fn plan(&mut self, batch: &dyn BatchLayout, _: &Reads) -> Result<()> {
         self.n_tokens = batch.len();
         self.row_seq.clear();
         self.output_seq.clear();
-        self.gate_rows.clear();
-        let offset = self.gate.as_ref().map_or(0, |g| g.offset);
-        let mut output_row = vec![None; batch.len()];
+        self.deciding.clear();
+        self.request_rows.clear();
+        let reads_request = self.gate.as_ref().is_some_and(Gate::reads_request);
         for row in 0..batch.len() {
             let seq = usize::try_from(batch.seq(row))
                 .ok()
@@ -457,19 +517,18 @@ impl BatchAware for SteerHook {
                 )
             })?;
             self.row_seq.push(seq);
+            let request = &self.requests[seq];
+            if request.awaiting_gate && reads_request && usize::try_from(batch.pos(row)).is_ok_and(|p| p >= request.start) {
+                self.request_rows.push((row, seq));
+            }
             if batch.is_output(row) {
-                output_row[row] = Some(self.output_seq.len());
-                if self.requests.get(seq).is_some_and(|r| r.awaiting_gate) {
-                    // The gate reads `offset` tokens before the last prompt
-                    // token; NaN (harmful) when that token is not in this batch.
-                    let gate_row = row.checked_sub(offset).filter(|&r| batch.seq(r) as usize == seq);
-                    self.gate_rows.push((gate_row, None, seq));
+                if request.awaiting_gate {
+                    // The gate decides at the last prompt token; rows it reads
+                    // that are not in this batch are NaN (harmful).
+                    self.deciding.push((row, Some(self.output_seq.len()), seq));
                 }
                 self.output_seq.push(seq);
             }
-        }
-        for entry in &mut self.gate_rows {
-            entry.1 = entry.0.and_then(|r| output_row[r]);
         }
         Ok(())
     }
@@ -478,6 +537,7 @@ impl BatchAware for SteerHook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gate::Term;
     use std::collections::BTreeMap;
 
     /// A batch described by (sequence, output) per token.
@@ -493,21 +553,25 @@ mod tests {
         fn is_output(&self, i: usize) -> bool {
             self.0[i].1
         }
+        fn pos(&self, i: usize) -> i32 {
+            // Positions count within each sequence.
+            self.0[..i].iter().filter(|r| r.0 == self.0[i].0).count() as i32
+        }
     }
 
     fn hook(offset: usize, n_seq: usize) -> SteerHook {
         let directions: BTreeMap<usize, Vec<f32>> = (1..4).map(|l| (l, vec![1.0, 0.0])).collect();
         let file = VectorFile { model_hint: String::new(), layer_count: 3, n_embd: 2, directions, calibration: None, defaults: None };
         let steering = Steering::new(&file, Strength::Alpha(1.0), &[2, 3], 4).unwrap();
-        let gate = Gate { layer: 1, offset, direction: vec![1.0, 0.0], bias: 0.0 };
+        let gate = Gate::single(1, offset, vec![1.0, 0.0], 0.0);
         SteerHook::new(Mode::Gated, Some(gate), steering, n_seq).unwrap()
     }
 
     #[test]
     fn the_shift_policy_decodes_again_and_hands_off_only_when_it_should() {
         let mut h = hook(0, 3);
-        let flagged = Request { awaiting_gate: false, decision: Some(GateDecision { score: 1.0, harmful: true, layer: 1 }) };
-        h.requests[0] = flagged;
+        let flagged = Request { decision: Some(GateDecision { score: 1.0, harmful: true, layer: 1 }), ..Request::default() };
+        h.requests[0] = flagged.clone();
         // The gate (layer 1) comes before the steered layers (2, 3): one pass, if the prompt fits a batch.
         assert_eq!(h.prompt_shifter(64, 64), Shifter::Hook);
         assert_eq!(h.prompt_shifter(65, 64), Shifter::GateOnly);
@@ -526,27 +590,37 @@ mod tests {
     #[test]
     fn each_request_is_gated_on_its_own_row_of_a_shared_batch() {
         let mut h = hook(1, 3);
-        h.begin_request(0).unwrap();
-        h.begin_request(2).unwrap();
+        h.gate.as_mut().unwrap().terms.push(Term { layer: 1, read: Read::RequestMax, weights: vec![0.0, 1.0] });
+        h.begin_request(0, 1).unwrap();
+        h.begin_request(2, 0).unwrap();
         // Sequence 0: three prompt tokens; sequence 1: a decoding step; sequence 2: two prompt tokens.
         let batch = Rows(vec![(0, false), (0, false), (0, true), (1, true), (2, false), (2, true)]);
-        h.plan(&batch, &[]).unwrap();
+        h.plan(&batch, &Reads::NONE).unwrap();
         assert_eq!(h.row_seq, vec![0, 0, 0, 1, 2, 2]);
         assert_eq!(h.output_seq, vec![0, 1, 2]);
-        // One token before each last prompt token; sequence 1 is not awaiting a gate.
-        assert_eq!(h.gate_rows, vec![(Some(1), None, 0), (Some(4), None, 2)]);
-        // A gated token that is not in this batch is planned as missing (decided harmful).
-        h.begin_request(1).unwrap();
-        h.plan(&Rows(vec![(1, true)]), &[]).unwrap();
-        assert_eq!(h.gate_rows, vec![(None, None, 1)]);
+        // Each last prompt token decides; sequence 1 is not awaiting a gate.
+        assert_eq!(h.deciding, vec![(2, Some(0), 0), (5, Some(2), 2)]);
+        // Request tokens from each request's start (sequence 0's starts at its second token).
+        assert_eq!(h.request_rows, vec![(1, 0), (2, 0), (4, 2), (5, 2)]);
+        // Offset 1 reads the token before the last; a token outside the
+        // batch (sequence 1's only token has none before it) reads NaN.
+        let mut data = [0.0, 0.0, 3.0, -1.0, 2.0, 5.0, 9.0, 9.0, -4.0, 0.5, 1.0, 0.25];
+        let mut scratch = Vec::new();
+        h.read_terms(&h.gate.clone().unwrap(), 1, &mut LayerOutput::from_host_rows(&mut data, 2, &mut scratch)).unwrap();
+        assert_eq!(h.requests[0].partial, vec![3.0, 5.0], "token 1 projects 3; the request's largest is token 2's 5");
+        assert_eq!(h.requests[2].partial, vec![-4.0, 0.5]);
+        h.begin_request(1, 0).unwrap();
+        h.plan(&Rows(vec![(1, true)]), &Reads::NONE).unwrap();
+        h.read_terms(&h.gate.clone().unwrap(), 1, &mut LayerOutput::from_host_rows(&mut [1.0, 1.0], 2, &mut scratch)).unwrap();
+        assert!(h.requests[1].partial[0].is_nan(), "a gated token outside the batch is harmful");
     }
 
     #[test]
     fn sequence_ids_outside_the_guard_are_errors() {
         let mut h = hook(0, 2);
-        assert!(h.begin_request(2).is_err());
-        assert!(h.plan(&Rows(vec![(0, true), (7, true)]), &[]).unwrap_err().to_string().contains("sequence 7"));
-        assert!(h.plan(&Rows(vec![(-1, true)]), &[]).is_err());
+        assert!(h.begin_request(2, 0).is_err());
+        assert!(h.plan(&Rows(vec![(0, true), (7, true)]), &Reads::NONE).unwrap_err().to_string().contains("sequence 7"));
+        assert!(h.plan(&Rows(vec![(-1, true)]), &Reads::NONE).is_err());
         assert!(h.undecided(0) && !h.is_steered(0), "a gated request with no decision is never served as harmless");
         assert_eq!(h.needed_layers(), vec![1, 2, 3]);
     }

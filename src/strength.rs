@@ -101,7 +101,9 @@ pub fn check(
     let chosen = points
         .iter()
         .filter(|p| p.passes(options))
-        .min_by(|a, b| a.strength.total_cmp(&b.strength).then(a.degenerate.total_cmp(&b.degenerate)))
+        // Ties go to the deeper window: a gate sits mid-depth, and one that
+        // decides before the first steered layer gates and shifts in one pass.
+        .min_by(|a, b| a.strength.total_cmp(&b.strength).then(a.degenerate.total_cmp(&b.degenerate)).then(b.refused.total_cmp(&a.refused)).then(b.layers[0].cmp(&a.layers[0])))
         .map(|p| SteerDefaults { strength: Strength::Relative(p.strength), layers: p.layers.clone() });
     Ok((chosen, points))
 }

@@ -2,6 +2,8 @@
 //! in jailbreak-style families (harmful and harmless alike), and as the last
 //! turn of a conversation whose earlier turn is of the other class.
 
+use std::ops::Range;
+
 use anyhow::Result;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -24,6 +26,16 @@ pub struct Example {
     pub instruction: usize,
     /// (role, content) turns, the last one the request.
     pub turns: Vec<(&'static str, String)>,
+    /// Where the instruction (its last part, when a wrapper splits it) sits
+    /// in the last turn's content.
+    pub request: Range<usize>,
+}
+
+/// An example as the model reads it.
+pub struct Templated {
+    pub tokens: Vec<i32>,
+    /// The tokens of [`Example::request`].
+    pub instruction: Range<usize>,
 }
 
 pub struct TrainSet {
@@ -44,7 +56,7 @@ pub struct Recipe {
 
 impl Default for Recipe {
     fn default() -> Recipe {
-        Recipe { wraps: 2, multi_turn_every: 3, seed: 0 }
+        Recipe { wraps: 3, multi_turn_every: 3, seed: 0 }
     }
 }
 
@@ -63,16 +75,18 @@ impl TrainSet {
             // classes meet every family equally often.
             let offset = if harmful_class { 0 } else { n_wrap / 2 };
             for (i, instruction) in own.iter().enumerate() {
-                let mut push = |family, turns| examples.push(Example { harmful: harmful_class, family, instruction: i, turns });
-                push(PLAIN, vec![("user", instruction.clone())]);
+                let mut push = |family, turns, request| examples.push(Example { harmful: harmful_class, family, instruction: i, turns, request });
+                let whole = 0..instruction.len();
+                push(PLAIN, vec![("user", instruction.clone())], whole.clone());
                 for k in 0..recipe.wraps.min(n_wrap) {
                     let family = (i * recipe.wraps + k + offset) % n_wrap;
-                    push(1 + family, vec![("user", wrappers.wrap(family, instruction, &mut rng))]);
+                    let (text, request) = wrappers.wrap(family, instruction, &mut rng);
+                    push(1 + family, vec![("user", text)], request);
                 }
                 if recipe.multi_turn_every > 0 && i % recipe.multi_turn_every == 0 && !other.is_empty() {
                     let before = other.choose(&mut rng).expect("non-empty").clone();
                     let reply = wrappers.reply(!harmful_class, &mut rng).to_string();
-                    push(multi_turn, vec![("user", before), ("assistant", reply), ("user", instruction.clone())]);
+                    push(multi_turn, vec![("user", before), ("assistant", reply), ("user", instruction.clone())], whole);
                 }
             }
         }
@@ -92,16 +106,24 @@ impl TrainSet {
         self.examples.iter().map(|e| if e.family == PLAIN { first_dressed(e) } else { e.family }).collect()
     }
 
-    /// Templated tokens of every example.
-    pub fn tokens(&self, model: &Model, template: &Template, n_ctx: usize) -> Result<Vec<Vec<i32>>> {
+    /// Templated tokens of every example, and where its instruction sits.
+    pub fn tokens(&self, model: &Model, template: &Template, n_ctx: usize) -> Result<Vec<Templated>> {
         self.examples
             .iter()
             .enumerate()
             .map(|(i, e)| {
                 let turns: Vec<(&str, &str)> = e.turns.iter().map(|(r, c)| (*r, c.as_str())).collect();
-                let tokens = tokenize(model, &template.apply_chat(model, &turns)?)?;
-                check_length(i, &e.turns.last().expect("a request").1, tokens.len(), n_ctx)?;
-                Ok(tokens)
+                let text = template.apply_chat(model, &turns)?;
+                let content = &e.turns.last().expect("a request").1;
+                let tokens = tokenize(model, &text)?;
+                check_length(i, content, tokens.len(), n_ctx)?;
+                // Token positions of the instruction: the tokens of the text before it, and up to its end.
+                let at = text.rfind(content.as_str()).unwrap_or(0);
+                let upto = |end: usize| -> Result<usize> {
+                    Ok(if at + end == 0 { 0 } else { tokenize(model, &text[..at + end])?.len().min(tokens.len()) })
+                };
+                let instruction = upto(e.request.start)?..upto(e.request.end)?;
+                Ok(Templated { tokens, instruction })
             })
             .collect()
     }

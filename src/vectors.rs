@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+use crate::gate::Term;
 use crate::guard::ModelShape;
 use crate::llama::{GgufFile, GgufValue, GgufWriter, Model};
 
@@ -87,6 +88,14 @@ pub struct GateFit {
     pub family_tpr: Vec<Vec<f32>>,
     /// TPR and FPR of the final gate on plain held-out prompts, when some were held out.
     pub held_out: Option<(f32, f32)>,
+    /// The gate's terms (empty: a one-direction gate at `gate_layer`, read at `offset`).
+    #[serde(skip)]
+    pub terms: Vec<Term>,
+    /// The bias of `terms`.
+    pub bias: Option<f32>,
+    /// The chosen gate's cross-validated TPR per family, and FPR on plain,
+    /// wrapped and multi-turn harmless prompts.
+    pub chosen: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Calibration {
@@ -300,6 +309,17 @@ fn write_calibration(w: &mut GgufWriter, cal: &Calibration) {
         w.set(&key("gate.held_out_tpr"), GgufValue::F32(tpr));
         w.set(&key("gate.held_out_fpr"), GgufValue::F32(fpr));
     }
+    if let (false, Some(bias)) = (g.terms.is_empty(), g.bias) {
+        w.set(&key("gate.terms"), s(&g.terms.iter().map(Term::describe).collect::<Vec<_>>().join(";")));
+        for (i, t) in g.terms.iter().enumerate() {
+            w.set(&key(&format!("gate.term.{i}")), GgufValue::F32Array(t.weights.clone()));
+        }
+        w.set(&key("gate.terms_bias"), GgufValue::F32(bias));
+    }
+    if let Some((tpr, fpr)) = &g.chosen {
+        w.set(&key("gate.chosen_family_tpr"), GgufValue::F32Array(tpr.clone()));
+        w.set(&key("gate.chosen_fpr"), GgufValue::F32Array(fpr.clone()));
+    }
     let m = &cal.model;
     w.set(&key("model.architecture"), s(&m.architecture));
     w.set(&key("model.name"), s(&m.name));
@@ -441,5 +461,37 @@ fn read_gate_fit(r: &Reader, n_layer: usize, n_embd: usize) -> Result<GateFit> {
         (Some(GgufValue::F32(t)), Some(GgufValue::F32(f))) => Some((t, f)),
         _ => None,
     };
-    Ok(GateFit { offset, direction, families, family_tpr, held_out })
+    let (terms, bias) = match r.str("gate.terms") {
+        Ok(list) => {
+            let terms = list
+                .split(';')
+                .enumerate()
+                .map(|(i, text)| {
+                    let weights = match r.0.get(&key(&format!("gate.term.{i}"))) {
+                        Some(GgufValue::F32Array(w)) => w,
+                        _ => bail!("metadata {} is missing or not floats", key(&format!("gate.term.{i}"))),
+                    };
+                    let term = Term::parse(text, weights, n_embd)?;
+                    if term.layer == 0 || term.layer + 1 >= n_layer {
+                        bail!("gate term {text} reads layer {}, which a gate cannot read in a {n_layer}-layer model", term.layer);
+                    }
+                    if term.weights.iter().any(|w| !(w.abs() <= MAX_VALUE)) {
+                        bail!("gate term {text} holds a weight beyond ±{MAX_VALUE:e}");
+                    }
+                    Ok(term)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let bias = match r.0.get(&key("gate.terms_bias")) {
+                Some(GgufValue::F32(b)) if b.is_finite() => b,
+                _ => bail!("metadata {} is missing or not a finite float", key("gate.terms_bias")),
+            };
+            (terms, Some(bias))
+        }
+        Err(_) => (Vec::new(), None),
+    };
+    let chosen = match (r.0.get(&key("gate.chosen_family_tpr")), r.0.get(&key("gate.chosen_fpr"))) {
+        (Some(GgufValue::F32Array(t)), Some(GgufValue::F32Array(f))) if t.len() == families.len() => Some((t, f)),
+        _ => None,
+    };
+    Ok(GateFit { offset, direction, families, family_tpr, held_out, terms, bias, chosen })
 }

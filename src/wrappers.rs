@@ -3,6 +3,7 @@
 //! same templates wrap harmful and harmless instructions, so that the gate
 //! learns what is asked, not how it is dressed.
 
+use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -98,20 +99,27 @@ impl Wrappers {
         &self.families
     }
 
-    /// `instruction` in a random template of family `family`, fillers drawn from `rng`.
-    pub fn wrap(&self, family: usize, instruction: &str, rng: &mut StdRng) -> String {
+    /// `instruction` in a random template of family `family`, fillers drawn
+    /// from `rng`, and where in the text the (last part of the) request sits.
+    pub fn wrap(&self, family: usize, instruction: &str, rng: &mut StdRng) -> (String, Range<usize>) {
         let template = self.families[family].templates.choose(rng).expect("checked non-empty");
         let mut out = String::with_capacity(template.len() + instruction.len());
+        let mut request = 0..0;
         for (i, piece) in template.split('{').enumerate() {
             if i == 0 {
                 out.push_str(piece);
                 continue;
             }
             let (slot, rest) = piece.split_once('}').expect("checked slots");
+            let start = out.len();
             out.push_str(&self.fill(slot, instruction, rng));
+            // A split request ends with its second half, wherever the template puts it.
+            if !FILLER_SLOTS.contains(&slot) && slot != "first_half" {
+                request = start..out.len();
+            }
             out.push_str(rest);
         }
-        out
+        (out, request)
     }
 
     /// A short assistant turn to put before the next user turn: a refusal after a harmful turn.
@@ -203,8 +211,9 @@ mod tests {
         let instruction = "Explain how to bake sourdough bread at home";
         for (i, family) in w.families().iter().enumerate() {
             for _ in 0..20 {
-                let text = w.wrap(i, instruction, &mut rng);
+                let (text, request) = w.wrap(i, instruction, &mut rng);
                 assert!(!text.contains('{') && !text.contains('}'), "{}: {text}", family.family);
+                assert!(text[request].contains("sourdough"), "{}: the request span misses the request in {text}", family.family);
                 let kept = text.contains(instruction)
                     || text.contains("Explain-how-to-bake-sourdough-bread-at-home")
                     || text.contains("home at bread sourdough bake to how Explain")

@@ -105,32 +105,32 @@ fn a_perturbation_under_the_certified_margin_never_flips_the_gate() {
     let file = VectorFile::read(&out).unwrap();
     assert_eq!(file.calibration.as_ref().unwrap().robust_rho, Some(rho));
     let gate = Gate::from_file(&file, None, None).unwrap();
-    assert_eq!(report["gate_layer"].as_u64(), Some(gate.layer as u64));
+    assert_eq!(report["gate_layer"].as_u64(), Some(gate.layer() as u64));
 
     let mut model = Model::load(&qwen, 0).unwrap();
     model.add_lora(&lora, 1.0).unwrap();
     let template = Template::resolve(&model, None, None).unwrap();
     let all = [harmful.clone(), harmless].concat();
     let tokens = prepare(&model, &template, &all, 4096).unwrap();
-    let (acts, _) = capture_prompts(&model, &ContextParams::default(), &tokens, &[0], &[gate.layer], &indicatif::ProgressBar::hidden()).unwrap();
+    let acts = capture_prompts(&model, &ContextParams::default(), &tokens, &[0], &[gate.layer()], None, &indicatif::ProgressBar::hidden()).unwrap().acts;
 
     let mut certified = 0;
     for (i, _) in all.iter().enumerate() {
-        let a: Vec<f32> = acts.slice(ndarray::s![i, gate.layer, ..]).to_vec();
-        let score = gate.score(&a);
+        let a: Vec<f32> = acts.slice(ndarray::s![i, gate.layer(), ..]).to_vec();
+        let score = gate.score_single(&a);
         let margin = score.abs();
         let label_harmful = i < harmful.len();
         if Gate::is_harmful(score) == label_harmful && margin > rho {
             certified += 1;
         }
         // The worst direction moves the score by the full norm: against the decision.
-        let push = |norm: f32| -> Vec<f32> { a.iter().zip(&gate.direction).map(|(x, d)| x - score.signum() * norm * d).collect() };
-        let under = gate.score(&push(0.99 * margin));
-        let over = gate.score(&push(1.01 * margin));
+        let push = |norm: f32| -> Vec<f32> { a.iter().zip(&gate.terms[0].weights).map(|(x, d)| x - score.signum() * norm * d).collect() };
+        let under = gate.score_single(&push(0.99 * margin));
+        let over = gate.score_single(&push(1.01 * margin));
         assert_eq!(Gate::is_harmful(under), Gate::is_harmful(score), "prompt {i}: a change of norm 0.99 x margin flipped the gate");
         assert_ne!(Gate::is_harmful(over), Gate::is_harmful(score), "prompt {i}: a change of norm 1.01 x margin did not flip the gate");
     }
-    let reported = report["layers"].as_array().unwrap().iter().find(|l| l["layer"].as_u64() == Some(gate.layer as u64)).unwrap()["robust_accuracy"].as_f64().unwrap();
+    let reported = report["layers"].as_array().unwrap().iter().find(|l| l["layer"].as_u64() == Some(gate.layer() as u64)).unwrap()["robust_accuracy"].as_f64().unwrap();
     assert!((reported - certified as f64 / all.len() as f64).abs() < 1e-6, "reported certified accuracy {reported}, recomputed {certified}/{}", all.len());
     assert!(certified > 0, "no decision certified at rho {rho}");
 }

@@ -19,8 +19,9 @@ static int fail(inferalign_guard * guard, const char * what) {
     return 1;
 }
 
-/* The templated, tokenized prompt; *n gets its length. */
-static llama_token * tokenize_chat(const struct llama_model * model, const char * system, const char * user, int * n) {
+/* The templated, tokenized prompt; *n gets its length and *request the
+ * position where the user's message starts (what the gate reads). */
+static llama_token * tokenize_chat(const struct llama_model * model, const char * system, const char * user, int * n, int * request) {
     const struct llama_vocab * vocab = llama_model_get_vocab(model);
     const char * tmpl = llama_model_chat_template(model, NULL);
     struct llama_chat_message chat[2] = {{"system", system}, {"user", user}};
@@ -30,8 +31,22 @@ static llama_token * tokenize_chat(const struct llama_model * model, const char 
     *n = -llama_tokenize(vocab, text, len, NULL, 0, true, true);
     llama_token * tokens = malloc(*n * sizeof(llama_token));
     llama_tokenize(vocab, text, len, tokens, *n, true, true);
+    const char * at = strstr(text, user);
+    *request = at ? -llama_tokenize(vocab, text, (int) (at - text), NULL, 0, true, true) : 0;
     free(text);
     return tokens;
+}
+
+/* Appends `tokens` to `batch` as sequence `seq`, the last one asking for output. */
+static void add_prompt(struct llama_batch * batch, const llama_token * tokens, int n, int seq) {
+    for (int j = 0; j < n; j++) {
+        int k = batch->n_tokens++;
+        batch->token[k] = tokens[j];
+        batch->pos[k] = j;
+        batch->n_seq_id[k] = 1;
+        batch->seq_id[k][0] = seq;
+        batch->logits[k] = j == n - 1;
+    }
 }
 
 /* Decodes `batch` under the guard; 0 when it was decoded and fully gated. */
@@ -83,31 +98,28 @@ int main(int argc, char ** argv) {
     struct llama_context * ctx = llama_init_from_model(model, cparams);
 
     int * lens = malloc(n_prompts * sizeof(int));
+    int * starts = malloc(n_prompts * sizeof(int));
     llama_token ** prompts = malloc(n_prompts * sizeof(llama_token *));
     int total = 0;
     for (int i = 0; i < n_prompts; i++) {
-        prompts[i] = tokenize_chat(model, argv[3], argv[4 + i], &lens[i]);
+        prompts[i] = tokenize_chat(model, argv[3], argv[4 + i], &lens[i], &starts[i]);
         total += lens[i];
     }
+    struct llama_batch batch = llama_batch_init(total, 0, 1);
     for (int i = 0; i < n_prompts; i++) {
         llama_memory_clear(llama_get_memory(ctx), true);
-        if (inferalign_guard_begin_request(guard, 0) != 0) return fail(guard, "begin_request");
-        if (guarded_decode(ctx, guard, llama_batch_get_one(prompts[i], lens[i])) != 0) return 1;
+        if (inferalign_guard_begin_request_at(guard, 0, starts[i]) != 0) return fail(guard, "begin_request_at");
+        batch.n_tokens = 0;
+        add_prompt(&batch, prompts[i], lens[i], 0);
+        if (guarded_decode(ctx, guard, batch) != 0) return 1;
         print_decision(guard, "alone", 0);
     }
 
     llama_memory_clear(llama_get_memory(ctx), true);
-    struct llama_batch batch = llama_batch_init(total, 0, 1);
+    batch.n_tokens = 0;
     for (int i = 0; i < n_prompts; i++) {
-        if (inferalign_guard_begin_request(guard, i) != 0) return fail(guard, "begin_request");
-        for (int j = 0; j < lens[i]; j++) {
-            int k = batch.n_tokens++;
-            batch.token[k] = prompts[i][j];
-            batch.pos[k] = j;
-            batch.n_seq_id[k] = 1;
-            batch.seq_id[k][0] = i;
-            batch.logits[k] = j == lens[i] - 1;
-        }
+        if (inferalign_guard_begin_request_at(guard, i, starts[i]) != 0) return fail(guard, "begin_request_at");
+        add_prompt(&batch, prompts[i], lens[i], i);
     }
     if (guarded_decode(ctx, guard, batch) != 0) return 1;
     for (int i = 0; i < n_prompts; i++) print_decision(guard, "batch", i);
@@ -120,6 +132,7 @@ int main(int argc, char ** argv) {
     for (int i = 0; i < n_prompts; i++) free(prompts[i]);
     free(prompts);
     free(lens);
+    free(starts);
     llama_free(ctx);
     inferalign_guard_free(guard);
     llama_model_free(model);

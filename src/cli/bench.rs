@@ -89,7 +89,7 @@ struct DecodeMode {
     runs_seconds: Vec<f64>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -134,7 +134,7 @@ fn extract_bench(args: ExtractBench) -> Result<()> {
     let (mut plain_runs, mut capture_runs, mut extract_runs, mut stock_runs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..args.runs {
         eprintln!("run {}/{}", run + 1, args.runs);
-        plain_runs.push(decode_prompts(&mut plain, &tokens, &[0], false, &hidden)?);
+        plain_runs.push(decode_prompts(&mut plain, &tokens, &[0], &[], false, &hidden)?);
         capture_runs.push(capture(&mut hooked, &tokens, &[0], false, &hidden)?.1);
         extract_runs.push(capture(&mut hooked, &tokens, &[0], true, &hidden)?.1);
         if let Some(stock) = &stock {
@@ -246,8 +246,9 @@ fn generate_bench(args: GenerateBench) -> Result<()> {
     anyhow::ensure!(args.runs > 0 && args.count > 0, "--runs and --count must be at least 1");
     let prompts: Vec<String> = read_prompts(&args.prompts)?.into_iter().take(args.count).collect();
     let model = args.model.load()?;
-    let resolved = args.steer.resolve(&model, Mode::Gated)?;
+    let mut resolved = args.steer.resolve(&model, Mode::Gated)?;
     let template = args.model.template(&model, resolved.recorded_template())?;
+    resolved.use_template(&model, &template)?;
     let tokens = prepare(&model, &template, &prompts, args.model.ctx_size as usize)?;
     let params = args.model.context_params();
     // Rates are per token, so modes whose answers differ in length stay comparable.
@@ -256,7 +257,7 @@ fn generate_bench(args: GenerateBench) -> Result<()> {
     let forced = |bias: f32| -> Result<SteerHook> {
         let mut gate = resolved.gate.clone();
         gate.bias = bias;
-        SteerHook::new(Mode::Gated, Some(gate), resolved.steering.clone(), 1)
+        resolved.hook_with(Mode::Gated, gate, resolved.steering.clone(), 1)
     };
     let modes: [(&'static str, SteerHook, bool); 3] = [
         ("plain (no callback)", resolved.hook_for(Mode::Plain, 1)?, false),
@@ -306,7 +307,7 @@ fn generate_bench(args: GenerateBench) -> Result<()> {
             "max_tokens": args.max_tokens,
             "threads": params.n_threads,
             "runs": args.runs,
-            "gate_layer": resolved.gate.layer,
+            "gate_layer": resolved.gate.layer(),
             "steer_layers": resolved.steering.layers,
             "modes": results,
         });

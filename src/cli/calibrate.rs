@@ -90,7 +90,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
 
     let layers = vectors.layers();
     let bar = progress(0, "calibrate");
-    let (acts, _) = capture_prompts(&model, &args.model.context_params(), &tokens, &[0], &layers, &bar)?;
+    let acts = capture_prompts(&model, &args.model.context_params(), &tokens, &[0], &layers, None, &bar)?.acts;
     bar.finish_and_clear();
 
     let rho = args.robust;

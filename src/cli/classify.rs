@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use inferalign::capture::capture_prompts;
 use inferalign::gate::Gate;
+use inferalign::generate::Engine;
+use inferalign::llama::Context;
 use inferalign::prompts::{prepare, preview, read_prompts};
-use inferalign::vectors::VectorFile;
+use inferalign::steer::{Mode, SteerHook, Steering};
+use inferalign::vectors::{Strength, VectorFile};
 
 use super::{progress, ModelArgs};
 
@@ -22,12 +24,15 @@ pub struct ClassifyArgs {
     /// Prompts to classify (text, JSONL or CSV)
     #[arg(long)]
     prompts: PathBuf,
-    /// Gate layer (default: the file's l0)
+    /// Gate layer: a one-direction gate on the last token there (default: the file's gate)
     #[arg(long)]
     layer: Option<usize>,
     /// Gate bias (default: the file's calibrated bias for that layer); larger is more cautious
     #[arg(long, allow_hyphen_values = true)]
     bias: Option<f32>,
+    /// Prompts gated together
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
     /// One JSON object per prompt on stdout
     #[arg(long)]
     json: bool,
@@ -47,23 +52,31 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
     let template = args.model.template(&model, recorded)?;
     let tokens = prepare(&model, &template, &prompts, args.model.ctx_size as usize)?;
 
+    // The gate as generation runs it, through a gate-only pass that stops at its layer.
+    let parallel = args.parallel.clamp(1, 64);
+    let mut params = args.model.context_params();
+    params.n_seq_max = parallel as u32;
+    let unused = Steering::new(&vectors, Strength::Alpha(0.0), &[gate.layer()], model.n_layer())?;
+    let mut hook = SteerHook::new(Mode::Gated, Some(gate.clone()), unused, parallel)?;
+    hook.set_request_header(template.user_header(&model)?);
+    let mut ctx = Context::new(&model, &params, hook, true)?;
+    let mut engine = Engine::new(&model, &mut ctx, parallel);
     let bar = progress(prompts.len() as u64, "classify");
-    let (acts, _) = capture_prompts(&model, &args.model.context_params(), &tokens, &[gate.offset], &[gate.layer], &bar)?;
-    bar.finish_and_clear();
-
     let mut flagged = 0;
-    for (i, prompt) in prompts.iter().enumerate() {
-        let activation = acts.slice(ndarray::s![i, gate.layer, ..]);
-        let score = gate.score(activation.as_slice().expect("contiguous"));
-        let harmful = Gate::is_harmful(score);
-        flagged += harmful as usize;
-        if args.json {
-            let line = serde_json::json!({"prompt": prompt, "score": score, "harmful": harmful, "layer": gate.layer});
-            println!("{line}");
-        } else {
-            println!("{:>8.3}  {:<8}  {}", score, if harmful { "harmful" } else { "ok" }, preview(prompt));
+    for (chunk, texts) in tokens.chunks(parallel).zip(prompts.chunks(parallel)) {
+        let refs: Vec<&[i32]> = chunk.iter().map(Vec::as_slice).collect();
+        for (decision, prompt) in engine.moderate_all(&refs).into_iter().zip(texts) {
+            let d = decision?;
+            flagged += d.harmful as usize;
+            if args.json {
+                println!("{}", serde_json::json!({"prompt": prompt, "score": d.score, "harmful": d.harmful, "layer": d.layer}));
+            } else {
+                bar.suspend(|| println!("{:>8.3}  {:<8}  {}", d.score, if d.harmful { "harmful" } else { "ok" }, preview(prompt)));
+            }
         }
+        bar.inc(chunk.len() as u64);
     }
-    eprintln!("{flagged} of {} prompts flagged harmful (layer {}, bias {:.3})", prompts.len(), gate.layer, gate.bias);
+    bar.finish_and_clear();
+    eprintln!("{flagged} of {} prompts flagged harmful (gate {}, bias {:.3})", prompts.len(), gate.describe(), gate.bias);
     Ok(())
 }

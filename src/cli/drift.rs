@@ -66,7 +66,9 @@ pub fn run(args: DriftArgs) -> Result<()> {
     };
     let vectors = VectorFile::read(&vectors_path)?;
     vectors.check_fits(&aligned, &vectors_path)?;
-    let gate = vectors.calibration.is_some().then(|| Gate::from_file(&vectors, None, None)).transpose()?;
+    // Drift moves activations along directions: the gate measured is the file's
+    // one-direction gate on the last token at its gate layer.
+    let gate = vectors.calibration.as_ref().map(|c| Gate::from_file(&vectors, Some(c.gate_layer), None)).transpose()?;
     let recorded = vectors.calibration.as_ref().map(|c| c.data.template.as_str());
     let template = args.target.template(&target, recorded)?;
 
@@ -80,10 +82,10 @@ pub fn run(args: DriftArgs) -> Result<()> {
     let layers = steerable_layers(&target);
     let params = args.target.context_params();
     let bar = progress(0, "aligned");
-    let (aligned_acts, _) = capture_prompts(&aligned, &params, &tokens, &[0], &layers, &bar)?;
+    let aligned_acts = capture_prompts(&aligned, &params, &tokens, &[0], &layers, None, &bar)?.acts;
     bar.finish_and_clear();
     let bar = progress(0, "target");
-    let (target_acts, _) = capture_prompts(&target, &params, &tokens, &[0], &layers, &bar)?;
+    let target_acts = capture_prompts(&target, &params, &tokens, &[0], &layers, None, &bar)?.acts;
     bar.finish_and_clear();
     let layers: Vec<usize> = layers.into_iter().filter(|l| vectors.directions.contains_key(l)).collect();
     let drift = measure(aligned_acts.view(), target_acts.view(), &layers, &vectors, gate.as_ref())?;

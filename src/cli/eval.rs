@@ -88,7 +88,7 @@ impl EvalMode {
             EvalMode::Gated => resolved.hook_for(Mode::Gated, n_seq),
             EvalMode::SelfGuided => {
                 let own = Steering::new(&resolved.gate_file, resolved.steering.strength, &resolved.steering.layers, model.n_layer())?;
-                SteerHook::new(Mode::Gated, Some(resolved.gate.clone()), own, n_seq)
+                resolved.hook_with(Mode::Gated, resolved.gate.clone(), own, n_seq)
             }
             EvalMode::CrossModel => resolved.hook_for(Mode::Gated, n_seq),
         }
@@ -103,12 +103,13 @@ pub fn or_carried(path: &Option<PathBuf>, name: &str) -> Result<PathBuf> {
 pub fn run(args: EvalArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let model = args.model.load()?;
-    let resolved = args.steer.resolve(&model, Mode::Gated)?;
+    let mut resolved = args.steer.resolve(&model, Mode::Gated)?;
     eprintln!("{}", resolved.describe());
     if args.modes.contains(&EvalMode::CrossModel) && resolved.steer_path == resolved.gate_path {
         bail!("mode cross-model steers with another model's vectors: pass the aligned model's file with --steer");
     }
     let template = args.model.template(&model, resolved.recorded_template())?;
+    resolved.use_template(&model, &template)?;
     let limit = args.limit.unwrap_or(usize::MAX);
     let cal = resolved.gate_file.calibration.as_ref();
 
@@ -138,7 +139,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "steer": resolved.steer_path.display().to_string(),
         "strength": resolved.steering.strength,
         "layers": resolved.steering.layers,
-        "gate_layer": resolved.gate.layer,
+        "gate_layer": resolved.gate.layer(),
         "bias": resolved.gate.bias,
         "template": template.name,
         "system_prompt": template.system_prompt,
@@ -311,7 +312,7 @@ fn plots(out: &Path, figures: &Figures, outcomes: &[Outcome], resolved: &Guard) 
     if !harmful.is_empty() || !harmless.is_empty() {
         plot::histogram(
             &out.join("gate_scores.svg"),
-            &format!("gate scores at layer {}", resolved.gate.layer),
+            &format!("gate scores (decided at layer {})", resolved.gate.layer()),
             &[("harmful", harmful), ("harmless", harmless)],
         )?;
     }

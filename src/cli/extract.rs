@@ -138,7 +138,7 @@ fn steering_check(
         .iter()
         .take(args.check_prompts)
         .enumerate()
-        .map(|(i, p)| if i % 2 == 0 { p.clone() } else { wrappers.wrap(i / 2 % n_families, p, &mut rng) })
+        .map(|(i, p)| if i % 2 == 0 { p.clone() } else { wrappers.wrap(i / 2 % n_families, p, &mut rng).0 })
         .collect();
     let tokens = prepare(model, template, &prompts, args.model.ctx_size as usize)?;
     let options = CheckOptions::for_depth(model.n_layer());

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use inferalign::gate::{Read, Term};
 use inferalign::vectors::{Calibration, VectorFile};
 
 #[derive(Args)]
@@ -24,6 +25,9 @@ pub fn run(args: InspectArgs) -> Result<()> {
             file.directions.iter().map(|(l, v)| (l.to_string(), norm(v).into())).collect();
         value["direction_norms"] = norms.into();
         value["path"] = args.file.display().to_string().into();
+        if let Some(cal) = &file.calibration {
+            value["calibration"]["gate"]["terms"] = cal.gate.terms.iter().map(Term::describe).collect::<Vec<_>>().into();
+        }
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
@@ -69,13 +73,14 @@ fn norm(v: &[f32]) -> f32 {
     v.iter().map(|x| x * x).sum::<f32>().sqrt()
 }
 
-/// Per-layer gate table on stdout, the gate layer marked, then its TPR per held-out family.
+/// Per-layer gate table on stdout (one-direction probes on the last tokens),
+/// then the chosen gate: its terms and its TPR per held-out family.
 pub fn print_layer_table(cal: &Calibration) {
     let g = &cal.gate;
-    println!("\nlayer  worst family  plain TPR    FPR     |s_l|   mean |a|     bias   (cross-validated; token {} before the last)", g.offset);
+    let pct = |x: f32| if x.is_nan() { "     -".to_string() } else { format!("{:>5.1}%", 100.0 * x) };
+    println!("\nlayer  worst family  plain TPR    FPR     |s_l|   mean |a|     bias   (last-token probe at each layer, cross-validated)");
     for s in &cal.layers {
-        let mark = if s.layer == cal.gate_layer { "  <- l0" } else { "" };
-        let pct = |x: f32| if x.is_nan() { "     -".to_string() } else { format!("{:>5.1}%", 100.0 * x) };
+        let mark = if g.terms.iter().any(|t| t.layer == s.layer) || (g.terms.is_empty() && s.layer == cal.gate_layer) { "  <- gate" } else { "" };
         println!(
             "{:>5}  {:>12}  {:>9}  {:>6}  {:>7.3}  {:>8.2}  {:>8.3}{mark}",
             s.layer,
@@ -87,28 +92,37 @@ pub fn print_layer_table(cal: &Calibration) {
             s.bias
         );
     }
-    if !g.families.is_empty() {
-        println!("\nTPR per family left out of fitting, at l0 = {} and its neighbours:", cal.gate_layer);
-        let near: Vec<usize> = cal.layers.iter().map(|s| s.layer).filter(|l| l.abs_diff(cal.gate_layer) <= 2).collect();
-        print!("{:<28}", "family");
-        near.iter().for_each(|l| print!("{:>8}", format!("L{l}")));
-        println!();
-        for (name, tpr) in g.families.iter().zip(&g.family_tpr) {
-            print!("{name:<28}");
-            near.iter().for_each(|&l| print!("{:>8}", tpr.get(l).filter(|x| !x.is_nan()).map_or("-".into(), |x| format!("{:.1}%", 100.0 * x))));
-            println!();
-        }
+    if g.terms.is_empty() {
+        println!("\ngate: one direction at layer {}, token {} before the last", cal.gate_layer, g.offset);
+    } else {
+        println!("\ngate: {} (decides at layer {}), bias {:.3}", g.terms.iter().map(describe_term).collect::<Vec<_>>().join(" + "), cal.gate_layer, g.bias.unwrap_or(f32::NAN));
     }
-    if let Some(s) = cal.layer(cal.gate_layer) {
-        println!(
-            "gate layer l0 = {}: worst held-out family TPR {:.1}%, plain TPR {:.1}%, FPR {:.1}% (cross-validated)",
-            cal.gate_layer,
-            100.0 * s.worst_tpr,
-            100.0 * s.tpr,
-            100.0 * s.fpr
-        );
+    let chosen = g.chosen.as_ref().map(|(tpr, _)| tpr.clone());
+    let tprs = chosen.or_else(|| (!g.families.is_empty()).then(|| g.family_tpr.iter().map(|t| t.get(cal.gate_layer).copied().unwrap_or(f32::NAN)).collect()));
+    if let Some(tprs) = tprs {
+        println!("TPR per family left out of fitting (cross-validated, threshold at --max-fpr on held-out harmless prompts):");
+        for (name, tpr) in g.families.iter().zip(&tprs) {
+            println!("  {name:<28}{:>8}", pct(*tpr));
+        }
+        let present: Vec<f32> = tprs.iter().copied().filter(|t| !t.is_nan()).collect();
+        println!("  {:<28}{:>8}", "worst family", pct(present.iter().copied().fold(1.0, f32::min)));
+    }
+    if let Some((_, fpr)) = &g.chosen {
+        let names = ["plain", "wrapped", "multi-turn"];
+        println!("FPR on harmless prompts left out: {}", fpr.iter().zip(names).map(|(f, n)| format!("{n} {}", pct(*f).trim())).collect::<Vec<_>>().join(", "));
     }
     if let Some((tpr, fpr)) = g.held_out {
         println!("final gate on plain held-out prompts: TPR {:.1}%, FPR {:.1}%", 100.0 * tpr, 100.0 * fpr);
+    }
+}
+
+fn describe_term(t: &Term) -> String {
+    match &t.read {
+        Read::Tokens(offsets) => format!(
+            "layer {} at {}",
+            t.layer,
+            offsets.iter().map(|&o| if o == 0 { "the last token".to_string() } else { format!("{o} tokens before it") }).collect::<Vec<_>>().join(" and ")
+        ),
+        Read::RequestMax => format!("layer {} at every request token (largest)", t.layer),
     }
 }

@@ -97,8 +97,8 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         "inferalign": {
             "mode": format!("{mode:?}").to_lowercase(),
             "gate_file": resolved.gate_path.display().to_string(),
-            "gate_layer": resolved.gate.layer,
-            "gate_offset": resolved.gate.offset,
+            "gate_layer": resolved.gate.layer(),
+            "gate_terms": resolved.gate.describe(),
             "gate_bias": resolved.gate.bias,
             "steer_file": resolved.steer_path.display().to_string(),
             "steering": describe_strength(resolved.steering.strength),

@@ -98,9 +98,10 @@ impl GuardArgs {
     /// Loads the model and resolves its vectors and chat template, saying which.
     pub fn open(&self) -> Result<(Model, Guard, Template)> {
         let model = self.model.load()?;
-        let resolved = self.steer.resolve(&model, self.mode.into())?;
+        let mut resolved = self.steer.resolve(&model, self.mode.into())?;
         eprintln!("{}", resolved.describe());
         let template = self.model.template(&model, resolved.recorded_template())?;
+        resolved.use_template(&model, &template)?;
         Ok((model, resolved, template))
     }
 }

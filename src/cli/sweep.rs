@@ -110,8 +110,9 @@ pub fn run(args: SweepArgs) -> Result<()> {
     let model = args.model.load()?;
     // Sweep chooses strengths itself: resolve as plain so a file without
     // defaults (what it is there to fill) is accepted.
-    let resolved: Guard = args.steer.resolve(&model, Mode::Plain)?;
+    let mut resolved: Guard = args.steer.resolve(&model, Mode::Plain)?;
     let template: Template = args.model.template(&model, resolved.recorded_template())?;
+    resolved.use_template(&model, &template)?;
     let cal = resolved.gate_file.calibration.as_ref();
     let harmful_path = args.harmful.clone().unwrap_or_else(|| inferalign::cache::data_file("advbench.jsonl"));
     let harmless_path = or_carried(&args.harmless, "harmless.txt")?;
@@ -132,7 +133,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
     for layers in &ranges {
         for &alpha in &args.alphas {
             let steering = Steering::new(&steer_file, Strength::Alpha(alpha), layers, model.n_layer())?;
-            let hook = SteerHook::new(Mode::Gated, Some(resolved.gate.clone()), steering, args.parallel)?;
+            let hook = resolved.hook_with(Mode::Gated, resolved.gate.clone(), steering, args.parallel)?;
             let label = format!("a={alpha} L={}-{}", layers[0], layers[layers.len() - 1]);
             let outcomes = evaluate(&model, &args, hook, &items, &tokens, &label)?;
             let p = point(Some(alpha), layers.clone(), &outcomes);
