@@ -16,3 +16,4 @@ $bin extract --model "$qwen" --harmful "$advbench" --harmless data/harmless.txt 
 
 gemma="$cache/models/gemma-3-270m-q4_k_m.gguf"
 $bin extract --model "$gemma" --template gemma --harmful "$advbench" --harmless data/harmless.txt --out gguf-vectors/gemma-3-270m-q4_k_m.srv.gguf
+scripts/manifest-figures.py "$bin"

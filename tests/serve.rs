@@ -48,10 +48,12 @@ fn each_request_in_a_shared_batch_is_gated_on_its_own() {
         let server = start_server(QWEN, if deterministic { &["--parallel", "2", "--deterministic"] } else { &["--parallel", "2"] });
         scores.push(shared_batch_pairs(&server.url, deterministic));
     }
-    // The fast setting reads the template's prefix from its cache and batches
-    // freely; the gate still sees what it sees with neither.
+    // The fast setting reads the template's prefix from its cache, batches
+    // freely and repacks the weights; the gate still sees what it sees with
+    // none of it, up to the repacked kernels' rounding (scores are in units of
+    // the harmless training scores' spread).
     for (exact, fast) in scores[0].iter().zip(&scores[1]) {
-        assert!((exact - fast).abs() <= 0.02 * exact.abs().max(1.0), "gate score {fast} with the prefix cache, {exact} without");
+        assert!((exact - fast).abs() <= 0.1 + 0.02 * exact.abs(), "gate score {fast} with the prefix cache and repacking, {exact} without");
     }
 }
 

@@ -1,0 +1,37 @@
+#!/usr/bin/env python3
+"""Writes the gate's held-out sets (prompts `extract` never sees by default)
+into DIR: plain AdvBench 200-519, own harmless 192-319, AdvBench 200-431 wrapped
+in the templates of data/jailbreaks.jsonl (each template in turn), the same
+harmless prompts wrapped twice each, and a `.families.json` per wrapped set.
+Usage: scripts/heldout-sets.py DIR (after scripts/setup.sh)"""
+import json
+import os
+import sys
+
+root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+cache = os.environ.get("INFERALIGN_CACHE", os.path.expanduser("~/.cache/inferalign"))
+advbench = [json.loads(line)["goal"] for line in open(os.path.join(cache, "data", "advbench.jsonl"))]
+harmless = [line.strip() for line in open(os.path.join(root, "data", "harmless.txt")) if line.strip()]
+templates = [json.loads(line) for line in open(os.path.join(root, "data", "jailbreaks.jsonl"))]
+out = sys.argv[1]
+os.makedirs(out, exist_ok=True)
+
+
+def write(name, prompts, families=None):
+    with open(os.path.join(out, name + ".jsonl"), "w") as f:
+        for p in prompts:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    if families:
+        json.dump(families, open(os.path.join(out, name + ".families.json"), "w"))
+
+
+def wrapped(instructions, shift):
+    picked = [templates[(i + shift(i)) % len(templates)] for i in range(len(instructions))]
+    return [t["template"].replace("{instruction}", x) for t, x in zip(picked, instructions)], [t["family"] for t in picked]
+
+
+write("plain_harmful", advbench[200:520])
+write("plain_harmless", harmless[192:320])
+write("wrapped_harmful", *wrapped(advbench[200:432], lambda i: 0))
+# The second copy of each harmless prompt goes into a template half the list on.
+write("wrapped_harmless", *wrapped(harmless[192:320] * 2, lambda i: (i >= 128) * (len(templates) // 2)))
