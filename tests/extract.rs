@@ -10,8 +10,9 @@ use inferalign::vectors::VectorFile;
 use serde_json::Value;
 
 /// Share of a wrapper family left out of fitting that the gate must still flag
-/// (measured 6 of 24 on the CI machine; the bound leaves one prompt of margin).
-const UNSEEN_FAMILY_TPR: f64 = 0.2;
+/// (role_play_persona: 22 of 24 here with the two-term gate, 6 of 24 with the
+/// earlier one-direction gate; the bound leaves room for other CPUs' rounding).
+const UNSEEN_FAMILY_TPR: f64 = 0.75;
 
 /// A gate fitted on plain, wrapped and multi-turn prompts and chosen by
 /// cross-validation, with no prompt held out (so nothing but cross-validation
