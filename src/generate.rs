@@ -249,9 +249,9 @@ impl<'c, 'm> Engine<'c, 'm> {
     /// Decodes `tokens` once into the sequence after the request slots, so new
     /// prompts that start with them (a chat template's system prompt and user
     /// header) skip decoding them. Needs one KV cache for all sequences, a
-    /// hook that tracks that extra sequence, and gated mode, where the cached
-    /// rows are never shifted; a request whose gate fires is decoded again
-    /// whole, so its shift covers the prefix as without the cache.
+    /// hook that tracks that extra sequence, and gated mode, which never
+    /// shifts the rows before a request starts, so a flagged request keeps
+    /// the cached rows as they would have been without the cache.
     pub fn cache_prefix(&mut self, tokens: &[i32]) -> Result<()> {
         let seq = self.slots.len();
         if !(self.ctx.kv_unified() && seq < self.ctx.n_seq_max() && self.ctx.hook().mode() == Mode::Gated) {

@@ -3,10 +3,11 @@
 //! [`SteerHook`] runs inside llama.cpp's graph. At each layer the gate reads
 //! it adds up what the gate's terms see of each request (its last tokens,
 //! every token of its request) and at the gate's deepest layer it decides; for
-//! requests it flags (or for all, in `always` mode) it adds `alpha * theta_l`
-//! to every row of that request at every steered layer `l`. Rows of other
-//! requests are never touched, so requests sharing a batch are steered
-//! independently.
+//! requests it flags it adds `alpha * theta_l` at every steered layer `l` to
+//! each row of that request from where its request (the last user turn)
+//! starts; in `always` mode, to every row, as llama.cpp's control vectors do.
+//! Rows of other requests are never touched, so requests sharing a batch are
+//! steered independently.
 
 use anyhow::{bail, Context as _, Result};
 
@@ -216,6 +217,11 @@ pub struct SteerHook {
     shifter: Shifter,
     /// Stop the graph once the gate has read its layer (moderation).
     stop_at_gate: bool,
+    /// Leave the rows before each request's start unshifted. Gated mode does:
+    /// the templated prefix before it is the same for every request, so it
+    /// comes from the prefix cache, decoded once, and a flagged request is not
+    /// decoded again.
+    from_request: bool,
     /// The chat template's user-turn header: a request starts after its last occurrence.
     request_header: Vec<i32>,
     requests: Vec<Request>,
@@ -223,6 +229,9 @@ pub struct SteerHook {
     /// Sequence of each token row, and of each output row, in the current batch.
     row_seq: Vec<usize>,
     output_seq: Vec<usize>,
+    /// Whether each token row, and each output row, lies in its request (at or after its start).
+    row_in_request: Vec<bool>,
+    output_in_request: Vec<bool>,
     /// (token row, output row, sequence) of the last prompt tokens this batch
     /// gates, whose decision is taken in it.
     deciding: Vec<(usize, Option<usize>, usize)>,
@@ -242,11 +251,14 @@ impl SteerHook {
             steering,
             shifter: Shifter::Hook,
             stop_at_gate: false,
+            from_request: mode == Mode::Gated,
             request_header: Vec::new(),
             requests: vec![Request::default(); n_seq],
             n_tokens: 0,
             row_seq: Vec::new(),
             output_seq: Vec::new(),
+            row_in_request: Vec::new(),
+            output_in_request: Vec::new(),
             deciding: Vec::new(),
             request_rows: Vec::new(),
         })
@@ -350,9 +362,16 @@ impl SteerHook {
 
     /// Whether request `seq` is decoded again, shifted throughout, after a
     /// prompt pass by `shifter` that reused `cached` rows: its gate fired after
-    /// some steered layers had run, or over cached rows nobody shifted.
+    /// some steered layers had run, or over cached rows that needed a shift.
     pub fn decode_again(&self, seq: usize, shifter: Shifter, cached: usize) -> bool {
-        (shifter == Shifter::GateOnly || cached > 0) && self.is_steered(seq)
+        let unshifted = if self.from_request { self.requests.get(seq).map_or(0, |r| r.start) } else { 0 };
+        (shifter == Shifter::GateOnly || cached > unshifted) && self.is_steered(seq)
+    }
+
+    /// Whether rows before each request's start stay unshifted (gated mode's
+    /// default; the steering check sets it to steer as gated mode does).
+    pub fn set_shift_from_request(&mut self, on: bool) {
+        self.from_request = on;
     }
 
     /// Whether a decode step of `seqs` hands the shift to llama.cpp's control
@@ -444,10 +463,10 @@ impl SteerHook {
 
     fn apply_shift(&self, shift: &[f32], out: &mut LayerOutput) -> Result<()> {
         let n_embd = out.n_embd();
-        let seqs = if out.rows() == self.n_tokens {
-            &self.row_seq
+        let (seqs, in_request) = if out.rows() == self.n_tokens {
+            (&self.row_seq, &self.row_in_request)
         } else {
-            &self.output_seq
+            (&self.output_seq, &self.output_in_request)
         };
         // llama.cpp's own cvector-generator checks the same: rows must be the
         // batch's tokens or its outputs, or a shift could land on another request.
@@ -461,8 +480,8 @@ impl SteerHook {
             );
         }
         out.modify(|data| {
-            for (row, &seq) in seqs.iter().enumerate() {
-                if self.is_steered(seq) {
+            for (row, (&seq, &inside)) in seqs.iter().zip(in_request).enumerate() {
+                if self.is_steered(seq) && (inside || !self.from_request) {
                     for (x, s) in data[row * n_embd..(row + 1) * n_embd].iter_mut().zip(shift) {
                         *x += s;
                     }
@@ -502,6 +521,8 @@ impl BatchAware for SteerHook {
         self.n_tokens = batch.len();
         self.row_seq.clear();
         self.output_seq.clear();
+        self.row_in_request.clear();
+        self.output_in_request.clear();
         self.deciding.clear();
         self.request_rows.clear();
         let reads_request = self.gate.as_ref().is_some_and(Gate::reads_request);
@@ -518,7 +539,9 @@ impl BatchAware for SteerHook {
             })?;
             self.row_seq.push(seq);
             let request = &self.requests[seq];
-            if request.awaiting_gate && reads_request && usize::try_from(batch.pos(row)).is_ok_and(|p| p >= request.start) {
+            let inside = usize::try_from(batch.pos(row)).is_ok_and(|p| p >= request.start);
+            self.row_in_request.push(inside);
+            if request.awaiting_gate && reads_request && inside {
                 self.request_rows.push((row, seq));
             }
             if batch.is_output(row) {
@@ -528,6 +551,7 @@ impl BatchAware for SteerHook {
                     self.deciding.push((row, Some(self.output_seq.len()), seq));
                 }
                 self.output_seq.push(seq);
+                self.output_in_request.push(inside);
             }
         }
         Ok(())
@@ -577,7 +601,10 @@ mod tests {
         assert_eq!(h.prompt_shifter(65, 64), Shifter::GateOnly);
         assert!(!h.decode_again(0, Shifter::Hook, 0));
         assert!(h.decode_again(0, Shifter::GateOnly, 0));
-        assert!(h.decode_again(0, Shifter::Hook, 5), "cached rows were never shifted");
+        assert!(h.decode_again(0, Shifter::Hook, 5), "cached rows of the request were never shifted");
+        h.requests[0].start = 5;
+        assert!(!h.decode_again(0, Shifter::Hook, 5), "the rows before the request are never shifted");
+        assert!(h.decode_again(0, Shifter::Hook, 6));
         assert!(!h.decode_again(1, Shifter::GateOnly, 5), "an unflagged request stands");
         let left = |seq: usize| if seq == 0 { HANDOFF_MIN_TOKENS } else { 10 };
         assert!(h.hands_off(&[0], false, left));
@@ -613,6 +640,26 @@ mod tests {
         h.plan(&Rows(vec![(1, true)]), &Reads::NONE).unwrap();
         h.read_terms(&h.gate.clone().unwrap(), 1, &mut LayerOutput::from_host_rows(&mut [1.0, 1.0], 2, &mut scratch)).unwrap();
         assert!(h.requests[1].partial[0].is_nan(), "a gated token outside the batch is harmful");
+    }
+
+    #[test]
+    fn gated_mode_shifts_a_flagged_request_from_its_start_and_always_mode_everywhere() {
+        for (mode, expected) in [(Mode::Gated, [0.0, 0.0, 1.0, 1.0, 0.0]), (Mode::Always, [1.0; 5])] {
+            let mut h = hook(0, 2);
+            h.mode = mode;
+            h.from_request = mode == Mode::Gated;
+            h.begin_request(0, 2).unwrap();
+            h.requests[0].decision = Some(GateDecision { score: 1.0, harmful: true, layer: 1 });
+            h.begin_request(1, 0).unwrap();
+            h.requests[1].decision = Some(GateDecision { score: -1.0, harmful: false, layer: 1 });
+            // Four rows of the flagged sequence 0 (its request starts at position 2), then one of sequence 1.
+            h.plan(&Rows(vec![(0, false), (0, false), (0, false), (0, true), (1, true)]), &Reads::NONE).unwrap();
+            let mut data = [0.0; 10];
+            let mut scratch = Vec::new();
+            h.apply_shift(&[1.0, 0.0], &mut LayerOutput::from_host_rows(&mut data, 2, &mut scratch)).unwrap();
+            let shifted: Vec<f32> = data.chunks(2).map(|r| r[0]).collect();
+            assert_eq!(shifted, expected, "{mode:?}");
+        }
     }
 
     #[test]

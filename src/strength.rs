@@ -67,6 +67,7 @@ pub fn check(
     model: &Model,
     file: &VectorFile,
     prompts: &[Vec<i32>],
+    request_header: &[i32],
     params: &ContextParams,
     options: &CheckOptions,
     progress: &ProgressBar,
@@ -74,7 +75,11 @@ pub fn check(
     let mut params = params.clone();
     params.n_seq_max = params.n_seq_max.max(options.parallel as u32);
     let first = Steering::new(file, Strength::Relative(0.0), &options.windows[0], model.n_layer())?;
-    let mut ctx = Context::new(model, &params, SteerHook::new(Mode::Always, None, first, options.parallel)?, true)?;
+    let mut hook = SteerHook::new(Mode::Always, None, first, options.parallel)?;
+    // Shift what gated mode shifts in a flagged request: its request and answer.
+    hook.set_request_header(request_header.to_vec());
+    hook.set_shift_from_request(true);
+    let mut ctx = Context::new(model, &params, hook, true)?;
     let mut engine = Engine::new(model, &mut ctx, options.parallel);
     let sampling = Sampling { max_tokens: options.max_tokens, ..Sampling::default() };
     progress.set_length((options.windows.len() * options.strengths.len()) as u64);
