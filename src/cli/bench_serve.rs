@@ -29,7 +29,7 @@ pub struct ServeBench {
     /// Concurrent clients
     #[arg(long, default_value_t = 16)]
     clients: usize,
-    /// Requests in all (every fourth harmful, from AdvBench, so the gate fires under load)
+    /// Requests a pass, new ones each pass (every fourth harmful, from AdvBench, so the gate fires under load)
     #[arg(long, default_value_t = 48)]
     requests: usize,
     /// Requests the server decodes together (its --parallel)
@@ -138,17 +138,25 @@ fn llama_server_args(m: &ModelArgs, parallel: usize) -> Result<Vec<String>> {
 
 type Answers = Vec<Option<Answer>>;
 
-/// One client, then `clients` at once, on the server at `url`.
-fn round(url: &str, prompts: &[String], args: &ServeBench) -> [(Pass, Answers); 2] {
-    [pass(url, prompts, 1, args.max_tokens), pass(url, prompts, args.clients, args.max_tokens)]
+/// One client on `prompts[0]`, then `clients` at once on `prompts[1]`, on the server at `url`.
+fn round(url: &str, prompts: &[Vec<String>], args: &ServeBench) -> [(Pass, Answers); 2] {
+    [pass(url, &prompts[0], 1, args.max_tokens), pass(url, &prompts[1], args.clients, args.max_tokens)]
+}
+
+/// `passes` lists of `requests` prompts, every fourth harmful, no prompt
+/// twice until a list runs out: llama-server keeps the prompts it has seen
+/// (slots and its RAM cache), so a repeated prompt would measure its cache
+/// rather than its decoding.
+fn pass_prompts(harmless: &[String], harmful: &[String], requests: usize, passes: usize) -> Vec<Vec<String>> {
+    let pick = |i: usize| if i % 4 == 3 { harmful[(i / 4) % harmful.len()].clone() } else { harmless[(i - (i + 1) / 4) % harmless.len()].clone() };
+    (0..passes).map(|k| (k * requests..(k + 1) * requests).map(pick).collect()).collect()
 }
 
 pub fn serve_bench(args: ServeBench) -> Result<()> {
     anyhow::ensure!(args.clients > 0 && args.requests > 0 && args.runs > 0, "--clients, --requests and --runs must be at least 1");
     let harmless = read_prompts(&inferalign::embedded::data("harmless.txt")?)?;
     let harmful = read_prompts(&inferalign::cache::data_file("advbench.jsonl"))?;
-    let prompts: Vec<String> =
-        (0..args.requests).map(|i| if i % 4 == 3 { harmful[i % harmful.len()].clone() } else { harmless[i % harmless.len()].clone() }).collect();
+    let prompts = pass_prompts(&harmless, &harmful, args.requests, 2 * args.runs);
     // Both servers get the same thread count, whatever each would pick alone.
     let mut model = args.model.clone();
     model.threads = Some(model.threads.unwrap_or_else(default_threads));
@@ -162,27 +170,29 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
         None => None,
     };
     let server = ServerProcess::start(&std::env::current_exe()?, server_args)?;
-    eprintln!("server at {}; {} requests one at a time, then from {} clients, {} round(s)", server.url, prompts.len(), args.clients, args.runs);
+    eprintln!("server at {}; {} new requests one at a time, then {} more from {} clients, {} round(s)", server.url, args.requests, args.requests, args.clients, args.runs);
 
     // The servers take turns going first, so a slow spell of the machine hits both.
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for r in 0..args.runs {
         let stock_first = r % 2 == 1;
         if let (Some(s), true) = (&stock, stock_first) {
-            theirs.push(round(&s.url, &prompts, &args));
+            theirs.push(round(&s.url, &prompts[2 * r..], &args));
         }
-        ours.push(round(&server.url, &prompts, &args));
+        ours.push(round(&server.url, &prompts[2 * r..], &args));
         if let (Some(s), false) = (&stock, stock_first) {
-            theirs.push(round(&s.url, &prompts, &args));
+            theirs.push(round(&s.url, &prompts[2 * r..], &args));
         }
     }
+    // Untimed: the first concurrent pass's prompts once more, one at a time, to compare answers.
+    let (_, alone_again) = pass(&server.url, &prompts[1], 1, args.max_tokens);
     drop(server);
     drop(stock);
 
     let [(alone, alone_answers), (together, together_answers)] = &ours[0];
     let lost = together_answers.iter().filter(|a| a.is_none()).count();
-    let mismatched: Vec<usize> = (0..prompts.len())
-        .filter(|&i| match (&alone_answers[i], &together_answers[i]) {
+    let mismatched: Vec<usize> = (0..args.requests)
+        .filter(|&i| match (&alone_again[i], &together_answers[i]) {
             (Some(a), Some(b)) => a.text != b.text || a.steered != b.steered,
             _ => false,
         })
@@ -206,7 +216,7 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
     });
     let report = json!({
         "model": args.model.model.display().to_string(),
-        "requests": prompts.len(),
+        "requests": args.requests,
         "parallel": args.parallel,
         "deterministic": args.deterministic,
         "max_tokens": args.max_tokens,
@@ -223,7 +233,7 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("{} requests ({} harmful), --parallel {}, {} tokens each", prompts.len(), prompts.len() / 4, args.parallel, args.max_tokens);
+        println!("{} new requests a pass ({} harmful), --parallel {}, {} tokens each", args.requests, args.requests / 4, args.parallel, args.max_tokens);
         println!("{:<18} {:>5} {:>8} {:>9} {:>10} {:>7}", "server", "clients", "seconds", "req/s", "tok/s", "errors");
         let named = [("inferalign", &ours)].into_iter().chain(theirs.first().map(|_| ("llama-server", &theirs)));
         for (name, rounds) in named {
@@ -235,7 +245,7 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
         if let Some(s) = &stock_report {
             println!(
                 "tokens/s against llama-server (median of {} rounds): {:.3} one at a time, {:.3} with {} clients; prompts of equal token count: {} of {}",
-                theirs.len(), s["tokens_per_second_ratio_one_at_a_time"], s["tokens_per_second_ratio_concurrent"], args.clients, s["same_prompt_tokens"], prompts.len()
+                theirs.len(), s["tokens_per_second_ratio_one_at_a_time"], s["tokens_per_second_ratio_concurrent"], args.clients, s["same_prompt_tokens"], args.requests
             );
         }
     }
@@ -245,4 +255,22 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
         bail!("the load test failed: {errors} errors, {lost} lost, {} mismatched answers", mismatched.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pass_prompts;
+
+    #[test]
+    fn every_pass_gets_new_prompts_every_fourth_harmful() {
+        let list = |tag: &str, n: usize| (0..n).map(|i| format!("{tag}{i}")).collect::<Vec<_>>();
+        let passes = pass_prompts(&list("b", 30), &list("h", 10), 8, 5);
+        assert_eq!(passes.len(), 5);
+        let all: Vec<&String> = passes.iter().flatten().collect();
+        let distinct: std::collections::BTreeSet<&String> = all.iter().copied().collect();
+        assert_eq!(distinct.len(), 40, "no prompt twice while the lists last");
+        assert!(passes.iter().all(|p| p.len() == 8 && p.iter().enumerate().all(|(j, q)| q.starts_with('h') == (j % 4 == 3))));
+        // Past the end of a list the prompts come round again.
+        assert_eq!(pass_prompts(&list("b", 3), &list("h", 1), 8, 1)[0], ["b0", "b1", "b2", "h0", "b0", "b1", "b2", "h0"]);
+    }
 }
