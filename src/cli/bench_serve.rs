@@ -148,8 +148,16 @@ fn round(url: &str, prompts: &[Vec<String>], args: &ServeBench) -> [(Pass, Answe
 /// (slots and its RAM cache), so a repeated prompt would measure its cache
 /// rather than its decoding.
 fn pass_prompts(harmless: &[String], harmful: &[String], requests: usize, passes: usize) -> Vec<Vec<String>> {
-    let pick = |i: usize| if i % 4 == 3 { harmful[(i / 4) % harmful.len()].clone() } else { harmless[(i - (i + 1) / 4) % harmless.len()].clone() };
-    (0..passes).map(|k| (k * requests..(k + 1) * requests).map(pick).collect()).collect()
+    // Positions 3, 7, 11, ... of every pass are harmful, so each pass has requests / 4 of them.
+    let n_harmful = requests / 4;
+    let pick = |k: usize, j: usize| {
+        if j % 4 == 3 {
+            harmful[(k * n_harmful + j / 4) % harmful.len()].clone()
+        } else {
+            harmless[(k * (requests - n_harmful) + j - (j + 1) / 4) % harmless.len()].clone()
+        }
+    };
+    (0..passes).map(|k| (0..requests).map(|j| pick(k, j)).collect()).collect()
 }
 
 pub fn serve_bench(args: ServeBench) -> Result<()> {
@@ -174,14 +182,14 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
 
     // The servers take turns going first, so a slow spell of the machine hits both.
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    for r in 0..args.runs {
+    for (r, pair) in prompts.chunks(2).enumerate() {
         let stock_first = r % 2 == 1;
         if let (Some(s), true) = (&stock, stock_first) {
-            theirs.push(round(&s.url, &prompts[2 * r..], &args));
+            theirs.push(round(&s.url, pair, &args));
         }
-        ours.push(round(&server.url, &prompts[2 * r..], &args));
+        ours.push(round(&server.url, pair, &args));
         if let (Some(s), false) = (&stock, stock_first) {
-            theirs.push(round(&s.url, &prompts[2 * r..], &args));
+            theirs.push(round(&s.url, pair, &args));
         }
     }
     // Untimed: the first concurrent pass's prompts once more, one at a time, to compare answers.
@@ -264,12 +272,14 @@ mod tests {
     #[test]
     fn every_pass_gets_new_prompts_every_fourth_harmful() {
         let list = |tag: &str, n: usize| (0..n).map(|i| format!("{tag}{i}")).collect::<Vec<_>>();
-        let passes = pass_prompts(&list("b", 30), &list("h", 10), 8, 5);
-        assert_eq!(passes.len(), 5);
-        let all: Vec<&String> = passes.iter().flatten().collect();
-        let distinct: std::collections::BTreeSet<&String> = all.iter().copied().collect();
-        assert_eq!(distinct.len(), 40, "no prompt twice while the lists last");
-        assert!(passes.iter().all(|p| p.len() == 8 && p.iter().enumerate().all(|(j, q)| q.starts_with('h') == (j % 4 == 3))));
+        // 10 a pass is no multiple of 4: every pass still has its harmful ones at the same places.
+        for (requests, passes) in [(8, 5), (10, 3)] {
+            let lists = pass_prompts(&list("b", 30), &list("h", 10), requests, passes);
+            assert_eq!(lists.len(), passes);
+            let distinct: std::collections::BTreeSet<&String> = lists.iter().flatten().collect();
+            assert_eq!(distinct.len(), requests * passes, "no prompt twice while the lists last");
+            assert!(lists.iter().all(|p| p.len() == requests && p.iter().enumerate().all(|(j, q)| q.starts_with('h') == (j % 4 == 3))));
+        }
         // Past the end of a list the prompts come round again.
         assert_eq!(pass_prompts(&list("b", 3), &list("h", 1), 8, 1)[0], ["b0", "b1", "b2", "h0", "b0", "b1", "b2", "h0"]);
     }
