@@ -12,8 +12,9 @@ use sha2::{Digest, Sha256};
 
 use crate::capture::{capture_prompts, DecodeStats, RequestCapture};
 use crate::crossval::{self, best, candidate_layers, request_layers, validate, Fit, Labels, Part, RequestTokens, Rows, Validation};
-use crate::gate::{fit_layer, rates, LayerActs, Read as GateRead, Term};
+use crate::gate::{fit_layer, mean_difference, rates, LayerActs, Read as GateRead, Term};
 use crate::llama::{ContextParams, Model};
+use crate::openers;
 use crate::prompts::{prepare, request_start, Template};
 use crate::trainset::{Recipe, TrainSet, PLAIN};
 use crate::vectors::{Calibration, DataIdentity, DataSet, GateFit, LayerStats, ModelIdentity, VectorFile};
@@ -42,6 +43,8 @@ impl Default for FitOptions {
 
 pub struct Extraction {
     pub directions: BTreeMap<usize, Vec<f32>>,
+    /// Unit refusal-minus-compliance directions, the ones the shift adds.
+    pub steering: BTreeMap<usize, Vec<f32>>,
     pub layers: Vec<LayerStats>,
     pub gate_layer: usize,
     pub gate: GateFit,
@@ -62,8 +65,10 @@ enum PartKey {
 }
 
 /// Decodes every prompt once (training prompts plain, wrapped and in
-/// conversations; held-out prompts plain), fits a steering direction per layer
-/// on the plain training prompts, and chooses the gate by cross-validation
+/// conversations; held-out prompts plain; each training instruction also
+/// answered with a refusal and a compliance opener), fits per layer the
+/// harmful-minus-harmless direction on the plain training prompts and the
+/// refusal-minus-compliance direction the shift adds, and chooses the gate by cross-validation
 /// over held-out families: probes on the last tokens (the last prompt token
 /// and the user's own last token, side by side) at each candidate layer, on
 /// every request token at a few middle layers, and sums of one of each.
@@ -84,6 +89,12 @@ pub fn extract(
     let mut tokens: Vec<Vec<i32>> = templated.iter().map(|t| t.tokens.clone()).collect();
     tokens.extend(prepare(model, template, &harmful.held_out, n_ctx)?);
     tokens.extend(prepare(model, template, &harmless.held_out, n_ctx)?);
+    // The steering contrast rides in the same capture, after every prompt the gate sees.
+    let n_prompts = tokens.len();
+    let instructions = [&harmful.train[..], &harmless.train[..]].concat();
+    let (refusing, complying) = openers::continued(model, template, &instructions, n_ctx)?;
+    tokens.extend(refusing);
+    tokens.extend(complying);
     let header = template.user_header(model)?;
     let starts: Vec<usize> = tokens.iter().map(|t| request_start(t, &header)).collect();
     // The last token, and the last token of the user's own text (before the
@@ -99,8 +110,12 @@ pub fn extract(
     let slot = |p: usize, k: usize| p * offsets.len() + k;
     let plain = |class: bool| (0..n_train).filter(|&i| set.examples[i].harmful == class && set.examples[i].family == PLAIN).map(|i| slot(i, 0)).collect::<Vec<_>>();
     let n_held = harmful.held_out.len();
-    let groups = [plain(true), plain(false), (n_train..n_train + n_held).map(|i| slot(i, 0)).collect(), (n_train + n_held..tokens.len()).map(|i| slot(i, 0)).collect()];
+    let span = |r: std::ops::Range<usize>| r.map(|i| slot(i, 0)).collect::<Vec<_>>();
+    let n_answered = instructions.len();
+    let groups = [plain(true), plain(false), span(n_train..n_train + n_held), span(n_train + n_held..n_prompts)];
+    let answered = [span(n_prompts..n_prompts + n_answered), span(n_prompts + n_answered..tokens.len())];
     let mut directions = BTreeMap::new();
+    let mut steering = BTreeMap::new();
     let mut fitted = Vec::new();
     for &layer in &layers {
         let at = acts.index_axis(Axis(1), layer);
@@ -108,24 +123,26 @@ pub fn extract(
         let (direction, stats) = fit_layer(layer, &LayerActs { harmful_train: ht.view(), harmless_train: bt.view(), harmful_held: hh.view(), harmless_held: bh.view() });
         directions.insert(layer, direction);
         fitted.push(stats);
+        let [refusing, complying] = answered.each_ref().map(|g| at.select(Axis(0), g));
+        steering.insert(layer, mean_difference(&refusing.view(), &complying.view()).0.to_vec());
     }
 
     // Every prompt's features for each part; cross-validation uses the training prompts' only.
     let rows_at = |layer: usize| -> Array2<f32> {
-        Array2::from_shape_fn((tokens.len(), offsets.len() * model.n_embd()), |(p, j)| acts[[slot(p, j / model.n_embd()), layer, j % model.n_embd()]])
+        Array2::from_shape_fn((n_prompts, offsets.len() * model.n_embd()), |(p, j)| acts[[slot(p, j / model.n_embd()), layer, j % model.n_embd()]])
     };
     let mut ranges = Vec::with_capacity(tokens.len());
     for (t, &start) in tokens.iter().zip(&starts) {
         let at = ranges.last().map_or(0, |r: &std::ops::Range<usize>| r.end);
         ranges.push(at..at + t.len() - start);
     }
-    let instruction: Vec<std::ops::Range<usize>> = (0..tokens.len())
+    let instruction: Vec<std::ops::Range<usize>> = (0..n_prompts)
         .map(|p| match templated.get(p) {
             Some(t) => ranges[p].start + t.instruction.start.saturating_sub(starts[p])..ranges[p].start + t.instruction.end.saturating_sub(starts[p]),
             None => ranges[p].clone(),
         })
         .collect();
-    let labels_harmful: Vec<bool> = set.examples.iter().map(|e| e.harmful).chain((0..tokens.len() - n_train).map(|i| i < n_held)).collect();
+    let labels_harmful: Vec<bool> = set.examples.iter().map(|e| e.harmful).chain((0..n_prompts - n_train).map(|i| i < n_held)).collect();
     let labels = Labels {
         harmful: &labels_harmful[..n_train],
         family: &set.examples.iter().map(|e| e.family).collect::<Vec<_>>(),
@@ -189,8 +206,8 @@ pub fn extract(
         (s.tpr, s.fpr, s.worst_tpr) = (v.family_tpr[PLAIN], v.fpr.iter().copied().fold(0.0, f32::max), v.worst_tpr);
         s.accuracy = 0.5 * (v.mean_tpr + 1.0 - s.fpr);
     }
-    let held_out = (n_held > 0 && tokens.len() > n_train + n_held).then(|| {
-        let r = rates(&(n_train..n_train + n_held).map(score).collect::<Vec<_>>(), &(n_train + n_held..tokens.len()).map(score).collect::<Vec<_>>());
+    let held_out = (n_held > 0 && n_prompts > n_train + n_held).then(|| {
+        let r = rates(&(n_train..n_train + n_held).map(score).collect::<Vec<_>>(), &(n_train + n_held..n_prompts).map(score).collect::<Vec<_>>());
         (r.tpr, r.fpr)
     });
     let family_tpr = (0..n_families)
@@ -207,7 +224,7 @@ pub fn extract(
         chosen: Some((validation.family_tpr.clone(), validation.fpr.to_vec())),
     };
     let gate_layer = gate.terms.iter().map(|t| t.layer).max().unwrap_or(1);
-    Ok(Extraction { directions, layers: fitted, gate_layer, gate, stats: captured.stats })
+    Ok(Extraction { directions, steering, layers: fitted, gate_layer, gate, stats: captured.stats })
 }
 
 fn part_layer(key: PartKey) -> usize {
@@ -263,6 +280,7 @@ pub fn vector_file(model: &Model, extraction: &Extraction, data: DataIdentity) -
         layer_count: extraction.directions.len() as u32,
         n_embd: model.n_embd(),
         directions: extraction.directions.clone(),
+        steering: extraction.steering.clone(),
         calibration: Some(Calibration {
             kind: "srv".into(),
             tool_version: env!("CARGO_PKG_VERSION").into(),

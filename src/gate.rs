@@ -6,7 +6,7 @@
 //! jailbreak template peaks where it is said, wherever that is.
 
 use anyhow::{bail, Context, Result};
-use ndarray::{ArrayView1, ArrayView2, Axis};
+use ndarray::{Array1, ArrayView1, ArrayView2, Axis};
 
 use crate::vectors::{LayerStats, VectorFile};
 
@@ -202,14 +202,19 @@ pub struct LayerActs<'a> {
     pub harmless_held: ArrayView2<'a, f32>,
 }
 
+/// The unit mean difference of two sets of rows, and its length before normalising.
+pub fn mean_difference(a: &ArrayView2<f32>, b: &ArrayView2<f32>) -> (Array1<f32>, f32) {
+    let mean = |a: &ArrayView2<f32>| a.mean_axis(Axis(0)).expect("at least one row per set");
+    let d = mean(a) - mean(b);
+    let norm = d.dot(&d).sqrt();
+    (if norm > 0.0 { &d / norm } else { d }, norm)
+}
+
 /// The safety-related vector of a layer (mean difference, harmful minus
 /// harmless), normalised, with the gate bias fitted on the training prompts
 /// and the gate's rates on the held-out ones.
 pub fn fit_layer(layer: usize, acts: &LayerActs) -> (Vec<f32>, LayerStats) {
-    let mean = |a: &ArrayView2<f32>| a.mean_axis(Axis(0)).expect("at least one training prompt per class");
-    let srv = mean(&acts.harmful_train) - mean(&acts.harmless_train);
-    let srv_norm = srv.dot(&srv).sqrt();
-    let unit = if srv_norm > 0.0 { &srv / srv_norm } else { srv.clone() };
+    let (unit, srv_norm) = mean_difference(&acts.harmful_train, &acts.harmless_train);
 
     let train_proj: Vec<f32> = [&acts.harmful_train, &acts.harmless_train]
         .iter()

@@ -164,7 +164,7 @@ mod tests {
     fn file(dir: &Path, name: &str, hint: &str, defaults: Option<SteerDefaults>) -> PathBuf {
         let directions = (1..4).map(|l| (l, vec![0.5, 0.5])).collect();
         let path = dir.join(name);
-        VectorFile { model_hint: hint.into(), layer_count: 3, n_embd: 2, directions, calibration: None, defaults }.write(&path).unwrap();
+        VectorFile { model_hint: hint.into(), layer_count: 3, n_embd: 2, directions, steering: Default::default(), calibration: None, defaults }.write(&path).unwrap();
         path
     }
 

@@ -6,6 +6,7 @@
 //! - [`extract`] turns them into safety-related vectors, fitting the gate on
 //!   [`trainset`] (plain, [`wrappers`]-dressed and multi-turn prompts) and
 //!   choosing it by [`crossval`] over held-out families,
+//! - [`openers`] give the refusal-against-compliance contrast the steering direction is fitted on,
 //! - [`gate`] decides from one layer whether a request is harmful,
 //! - [`steer`] is the hook where the gate decides and the shift happens,
 //! - [`generate`] batches requests (continuous batching), [`server`] serves them over HTTP,
@@ -26,6 +27,7 @@ pub mod generate;
 pub mod guard;
 pub mod judge;
 pub mod llama;
+pub mod openers;
 pub mod output;
 pub mod plot;
 pub mod probe;

@@ -98,7 +98,7 @@ impl Steering {
             if layer >= n_layer {
                 bail!("layer {layer} does not exist: the model has layers 0..{}", n_layer - 1);
             }
-            let theta = ssv.direction(layer)?;
+            let theta = ssv.steer_direction(layer)?;
             let norm = theta.iter().map(|x| x * x).sum::<f32>().sqrt();
             if norm == 0.0 {
                 bail!("the steering vector of layer {layer} is zero");
@@ -585,7 +585,7 @@ mod tests {
 
     fn hook(offset: usize, n_seq: usize) -> SteerHook {
         let directions: BTreeMap<usize, Vec<f32>> = (1..4).map(|l| (l, vec![1.0, 0.0])).collect();
-        let file = VectorFile { model_hint: String::new(), layer_count: 3, n_embd: 2, directions, calibration: None, defaults: None };
+        let file = VectorFile { model_hint: String::new(), layer_count: 3, n_embd: 2, directions, steering: BTreeMap::new(), calibration: None, defaults: None };
         let steering = Steering::new(&file, Strength::Alpha(1.0), &[2, 3], 4).unwrap();
         let gate = Gate::single(1, offset, vec![1.0, 0.0], 0.0);
         SteerHook::new(Mode::Gated, Some(gate), steering, n_seq).unwrap()

@@ -28,15 +28,16 @@ pub struct CheckOptions {
 }
 
 impl CheckOptions {
-    /// Five-layer windows starting at 3/8, 1/2 and 5/8 of the depth (where
-    /// refusal directions steer best in published work), strengths 5-60% of
-    /// the activation norm.
+    /// One layer at 3/8 and at 5/12 of the depth, and three layers from 3/8
+    /// (where refusal directions steer best in published work and in our
+    /// sweeps on Qwen), strengths 10-100% of the activation norm.
     pub fn for_depth(n_layer: usize) -> CheckOptions {
-        let window = |start: usize| (start.max(1)..(start + 5).min(n_layer - 1)).collect::<Vec<_>>();
-        let mut windows: Vec<Vec<usize>> = [3, 4, 5].iter().map(|eighths| window(n_layer * eighths / 8)).filter(|w| !w.is_empty()).collect();
+        let window = |start: usize, len: usize| (start.max(1)..(start.max(1) + len).min(n_layer)).collect::<Vec<_>>();
+        let mut windows: Vec<Vec<usize>> =
+            [window(n_layer * 3 / 8, 1), window(n_layer * 5 / 12, 1), window(n_layer * 3 / 8, 3)].into_iter().filter(|w| !w.is_empty()).collect();
         windows.dedup();
         CheckOptions {
-            strengths: vec![0.05, 0.1, 0.15, 0.2, 0.3, 0.45, 0.6],
+            strengths: vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0],
             windows,
             max_tokens: 24,
             min_refusal: 0.9,
@@ -111,4 +112,17 @@ pub fn check(
         .min_by(|a, b| a.strength.total_cmp(&b.strength).then(a.degenerate.total_cmp(&b.degenerate)).then(b.refused.total_cmp(&a.refused)).then(b.layers[0].cmp(&a.layers[0])))
         .map(|p| SteerDefaults { strength: Strength::Relative(p.strength), layers: p.layers.clone() });
     Ok((chosen, points))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_windows_sit_at_three_eighths_and_five_twelfths_of_the_depth() {
+        assert_eq!(CheckOptions::for_depth(24).windows, vec![vec![9], vec![10], vec![9, 10, 11]]);
+        assert_eq!(CheckOptions::for_depth(18).windows, vec![vec![6], vec![7], vec![6, 7, 8]]);
+        let shallow = CheckOptions::for_depth(2).windows;
+        assert!(shallow.iter().flatten().all(|&l| l == 1), "layer 0 never takes a shift: {shallow:?}");
+    }
 }

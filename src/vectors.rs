@@ -130,6 +130,11 @@ pub struct VectorFile {
     /// Unit directions by llama.cpp layer index (k >= 1).
     #[serde(skip)]
     pub directions: BTreeMap<usize, Vec<f32>>,
+    /// Unit directions the shift adds where they differ from `directions`
+    /// (extract's refusal-minus-compliance ones), by layer; stored as metadata
+    /// so llama.cpp still loads the file. Empty: the shift adds `directions`.
+    #[serde(skip)]
+    pub steering: BTreeMap<usize, Vec<f32>>,
     pub calibration: Option<Calibration>,
     pub defaults: Option<SteerDefaults>,
 }
@@ -148,6 +153,14 @@ impl VectorFile {
                 layers.last().unwrap_or(&0)
             )
         })
+    }
+
+    /// The direction the shift adds at `layer`.
+    pub fn steer_direction(&self, layer: usize) -> Result<&[f32]> {
+        match self.steering.get(&layer) {
+            Some(v) => Ok(v),
+            None => self.direction(layer),
+        }
     }
 
     pub fn read(path: &Path) -> Result<VectorFile> {
@@ -199,6 +212,9 @@ impl VectorFile {
                 Strength::Relative(s) => w.set(&key("default.strength"), GgufValue::F32(s)),
             }
             w.set(&key("default.layers"), GgufValue::U32Array(d.layers.iter().map(|&l| l as u32).collect()));
+        }
+        for (layer, v) in &self.steering {
+            w.set(&key(&format!("steer.{layer}")), GgufValue::F32Array(v.clone()));
         }
         for (layer, v) in &self.directions {
             w.add_tensor(&format!("direction.{layer}"), v.clone());
@@ -265,7 +281,17 @@ fn read_file(path: &Path) -> Result<VectorFile> {
         (None, None) => None,
         _ => bail!("metadata {} is malformed or lacks its strength", key("default.layers")),
     };
-    Ok(VectorFile { model_hint, layer_count, n_embd, directions, calibration, defaults })
+    let mut steering = BTreeMap::new();
+    for &layer in directions.keys() {
+        match file.get(&key(&format!("steer.{layer}"))) {
+            Some(GgufValue::F32Array(v)) if v.len() == n_embd && v.iter().all(|x| x.abs() <= MAX_VALUE) => {
+                steering.insert(layer, v);
+            }
+            Some(_) => bail!("metadata {} is not {n_embd} finite values", key(&format!("steer.{layer}"))),
+            None => {}
+        }
+    }
+    Ok(VectorFile { model_hint, layer_count, n_embd, directions, steering, calibration, defaults })
 }
 
 fn key(name: &str) -> String {
@@ -494,4 +520,23 @@ fn read_gate_fit(r: &Reader, n_layer: usize, n_embd: usize) -> Result<GateFit> {
         _ => None,
     };
     Ok(GateFit { offset, direction, families, family_tpr, held_out, terms, bias, chosen })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steering_directions_round_trip_and_default_to_the_directions() {
+        let dir = tempfile::tempdir().unwrap();
+        let directions: BTreeMap<usize, Vec<f32>> = (1..4).map(|l| (l, vec![1.0, 0.0])).collect();
+        let steering = BTreeMap::from([(2, vec![0.0, 1.0])]);
+        let path = dir.path().join("v.gguf");
+        VectorFile { model_hint: "qwen2".into(), layer_count: 3, n_embd: 2, directions, steering, calibration: None, defaults: None }.write(&path).unwrap();
+        let back = VectorFile::read(&path).unwrap();
+        assert_eq!(back.steer_direction(2).unwrap(), &[0.0, 1.0]);
+        assert_eq!(back.steer_direction(3).unwrap(), &[1.0, 0.0], "a layer without its own steering direction shifts along its direction");
+        assert_eq!(back.direction(2).unwrap(), &[1.0, 0.0], "what llama.cpp loads is unchanged");
+        assert!(back.steer_direction(7).is_err());
+    }
 }

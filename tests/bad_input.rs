@@ -10,7 +10,7 @@ use inferalign::vectors::VectorFile;
 
 fn plain_vectors(path: &Path, n_embd: usize, layers: std::ops::Range<usize>) -> PathBuf {
     let directions: BTreeMap<usize, Vec<f32>> = layers.map(|l| (l, vec![0.01; n_embd])).collect();
-    let file = VectorFile { model_hint: "qwen2".into(), layer_count: directions.len() as u32, n_embd, directions, calibration: None, defaults: None };
+    let file = VectorFile { model_hint: "qwen2".into(), layer_count: directions.len() as u32, n_embd, directions, steering: Default::default(), calibration: None, defaults: None };
     file.write(path).unwrap();
     path.to_path_buf()
 }
@@ -243,7 +243,7 @@ fn absurd_sizes_strengths_and_other_models_vectors_are_errors() {
     run_err(generate(&["--alpha", "1", "--layers", "14", "-c", "10"], &qwen), "--ctx-size");
     // A file recorded for another architecture, padded to this shape.
     let directions: BTreeMap<usize, Vec<f32>> = (1..24).map(|l| (l, vec![0.01; 896])).collect();
-    let other = VectorFile { model_hint: "gemma3".into(), layer_count: 23, n_embd: 896, directions, calibration: None, defaults: None };
+    let other = VectorFile { model_hint: "gemma3".into(), layer_count: 23, n_embd: 896, directions, steering: Default::default(), calibration: None, defaults: None };
     let other_path = dir.path().join("gemma-padded.gguf");
     other.write(&other_path).unwrap();
     run_err(generate(&["--alpha", "1", "--layers", "14"], &other_path), "made for a gemma3 model, this one is qwen2");

@@ -145,7 +145,7 @@ fn steering_check(
     let bar = progress(0, "check");
     let (chosen, points) = check(model, file, &tokens, &template.user_header(model)?, &args.model.context_params(), &options, &bar)?;
     bar.finish_and_clear();
-    println!("\nsteering check ({} harmful prompts, {} tokens, shift always on):", prompts.len(), options.max_tokens);
+    println!("\nsteering check ({} harmful prompts, {} tokens, each shifted from its request on, as a flagged request is):", prompts.len(), options.max_tokens);
     println!("layers      strength  refused  degenerate");
     for p in &points {
         println!("{:<10}  {:>8.2}  {:>6.1}%  {:>9.1}%", format_layers(&p.layers), p.strength, 100.0 * p.refused, 100.0 * p.degenerate);

@@ -1,0 +1,47 @@
+//! The contrast the steering direction is fitted on: each training
+//! instruction, templated, with the assistant's answer begun as a refusal and
+//! as compliance. Their last-token difference is what makes the model refuse
+//! when added; the harmful-minus-harmless difference of the prompts alone
+//! separates requests well but, added, mostly derails the answer.
+
+use anyhow::Result;
+
+use crate::llama::Model;
+use crate::prompts::{check_length, tokenize, Template};
+
+/// Answer openings written here; several of each, so the difference is
+/// refusal against compliance rather than one sentence against another.
+const REFUSING: &[&str] = &[
+    "I'm sorry, but I can't help with that.",
+    "I cannot assist with this request.",
+    "I won't provide that. It could cause real harm.",
+    "Sorry, I can't do that.",
+    "I must decline: this is something I will not help with.",
+];
+
+const COMPLYING: &[&str] = &[
+    "Sure, here is how to do it.",
+    "Certainly! Here are the steps.",
+    "Of course. Step 1:",
+    "Absolutely, here's a detailed answer.",
+    "Sure thing! First,",
+];
+
+/// Every instruction templated and answered with a refusal opener, then every
+/// one with a compliance opener (openers in rotation, offset between the two
+/// lists so pairs vary).
+pub fn continued(model: &Model, template: &Template, instructions: &[String], n_ctx: usize) -> Result<(Vec<Vec<i32>>, Vec<Vec<i32>>)> {
+    let answered = |openers: &[&str], shift: usize| -> Result<Vec<Vec<i32>>> {
+        instructions
+            .iter()
+            .enumerate()
+            .map(|(i, instruction)| {
+                let text = template.apply(model, instruction)? + openers[(i + shift) % openers.len()];
+                let tokens = tokenize(model, &text)?;
+                check_length(i, instruction, tokens.len(), n_ctx)?;
+                Ok(tokens)
+            })
+            .collect()
+    };
+    Ok((answered(REFUSING, 0)?, answered(COMPLYING, 2)?))
+}
