@@ -96,7 +96,8 @@ pub fn extract(
     tokens.extend(refusing);
     tokens.extend(complying);
     let header = template.user_header(model)?;
-    let starts: Vec<usize> = tokens.iter().map(|t| request_start(t, &header)).collect();
+    // The answered instructions feed only the steering direction, so no request token of theirs is kept.
+    let starts: Vec<usize> = tokens.iter().enumerate().map(|(i, t)| if i < n_prompts { request_start(t, &header) } else { t.len() }).collect();
     // The last token, and the last token of the user's own text (before the
     // end of turn and the assistant header), side by side.
     let offsets: Vec<usize> = std::iter::once(0).chain(template.post_instruction_len(model)?.filter(|&n| n > 0)).collect();

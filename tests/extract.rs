@@ -56,6 +56,14 @@ fn qwen_gate_flags_held_out_advbench_and_an_unseen_wrapper_family() {
         let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "directions are unit vectors, got {norm}");
     }
+    // The shift adds refusal-minus-compliance directions, kept apart from the harmful-minus-harmless ones.
+    assert_eq!(file.steering.keys().copied().collect::<Vec<_>>(), (1..24).collect::<Vec<_>>());
+    for (layer, v) in &file.steering {
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "steering directions are unit vectors, got {norm} at layer {layer}");
+        let cosine: f32 = v.iter().zip(&file.directions[layer]).map(|(a, b)| a * b).sum();
+        assert!(cosine < 0.95, "layer {layer}: the steering direction is the harmful direction again (cosine {cosine})");
+    }
 
     // The family left out, around instructions the gate never saw.
     let wrappers = inferalign::wrappers::Wrappers::builtin();

@@ -115,7 +115,8 @@ fn a_steered_request_leaves_nothing_behind_for_the_next() {
     // generate and chat decode one request per run on one context: the control
     // vector a steered answer decodes with must not outlive that answer.
     let setup = setup(common::QWEN);
-    let layers = [10, 11, 12, 13, 14];
+    // One layer: alpha 4 on five layers of the refusal direction ends the answer at its first token, before any hand-off.
+    let layers = [10];
     // Long enough for the steered answer to hand its shift to llama.cpp's control vector.
     let sampling = Sampling { max_tokens: 64, ..Sampling::default() };
     let harmful: Vec<String> = read_prompts(&common::advbench()).unwrap().into_iter().skip(100).take(1).collect();
@@ -164,7 +165,7 @@ fn open_gate_adds_exactly_alpha_theta() {
     let (plain, closed) = capture_at(setup.hook(Mode::Gated, Some(-1e6), alpha, &layers));
     let (steered, open) = capture_at(setup.hook(Mode::Gated, Some(1e6), alpha, &layers));
     assert!(!closed.unwrap().harmful && open.unwrap().harmful);
-    let theta = setup.vectors.direction(12).unwrap();
+    let theta = setup.vectors.steer_direction(12).unwrap();
     let (a, b) = (plain.slice(s![0, 12, ..]), steered.slice(s![0, 12, ..]));
     for i in 0..theta.len() {
         let expected = a[i] + alpha * theta[i];
