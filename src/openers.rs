@@ -7,7 +7,7 @@
 use anyhow::Result;
 
 use crate::llama::Model;
-use crate::prompts::{check_length, tokenize, Template};
+use crate::prompts::{prepare_opened, Template};
 
 /// Answer openings written here; several of each, so the difference is
 /// refusal against compliance rather than one sentence against another.
@@ -31,17 +31,6 @@ const COMPLYING: &[&str] = &[
 /// one with a compliance opener (openers in rotation, offset between the two
 /// lists so pairs vary).
 pub fn continued(model: &Model, template: &Template, instructions: &[String], n_ctx: usize) -> Result<(Vec<Vec<i32>>, Vec<Vec<i32>>)> {
-    let answered = |openers: &[&str], shift: usize| -> Result<Vec<Vec<i32>>> {
-        instructions
-            .iter()
-            .enumerate()
-            .map(|(i, instruction)| {
-                let text = template.apply(model, instruction)? + openers[(i + shift) % openers.len()];
-                let tokens = tokenize(model, &text)?;
-                check_length(i, instruction, tokens.len(), n_ctx)?;
-                Ok(tokens)
-            })
-            .collect()
-    };
+    let answered = |openers: &'static [&'static str], shift: usize| prepare_opened(model, template, instructions, |i| openers[(i + shift) % openers.len()], n_ctx);
     Ok((answered(REFUSING, 0)?, answered(COMPLYING, 2)?))
 }

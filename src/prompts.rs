@@ -232,11 +232,16 @@ pub fn request_start(tokens: &[i32], header: &[i32]) -> usize {
 
 /// Template and tokenize every prompt; fails naming a prompt that does not fit `n_ctx`.
 pub fn prepare(model: &Model, template: &Template, prompts: &[String], n_ctx: usize) -> Result<Vec<Vec<i32>>> {
+    prepare_opened(model, template, prompts, |_| "", n_ctx)
+}
+
+/// As [`prepare`], with the assistant's answer to prompt `i` begun with `opening(i)`.
+pub fn prepare_opened<'a>(model: &Model, template: &Template, prompts: &[String], opening: impl Fn(usize) -> &'a str, n_ctx: usize) -> Result<Vec<Vec<i32>>> {
     prompts
         .iter()
         .enumerate()
         .map(|(i, prompt)| {
-            let tokens = tokenize(model, &template.apply(model, prompt)?)?;
+            let tokens = tokenize(model, &(template.apply(model, prompt)? + opening(i)))?;
             check_length(i, prompt, tokens.len(), n_ctx)?;
             Ok(tokens)
         })

@@ -283,12 +283,8 @@ fn read_file(path: &Path) -> Result<VectorFile> {
     };
     let mut steering = BTreeMap::new();
     for &layer in directions.keys() {
-        match file.get(&key(&format!("steer.{layer}"))) {
-            Some(GgufValue::F32Array(v)) if v.len() == n_embd && v.iter().all(|x| x.abs() <= MAX_VALUE) => {
-                steering.insert(layer, v);
-            }
-            Some(_) => bail!("metadata {} is not {n_embd} finite values", key(&format!("steer.{layer}"))),
-            None => {}
+        if let Some(v) = Reader(&file).vector(&format!("steer.{layer}"), n_embd)? {
+            steering.insert(layer, v);
         }
     }
     Ok(VectorFile { model_hint, layer_count, n_embd, directions, steering, calibration, defaults })
@@ -394,6 +390,15 @@ impl Reader<'_> {
         }
     }
 
+    /// An optional vector of `n_embd` values, each finite and within ±[`MAX_VALUE`].
+    fn vector(&self, name: &str, n_embd: usize) -> Result<Option<Vec<f32>>> {
+        match self.0.get(&key(name)) {
+            Some(GgufValue::F32Array(v)) if v.len() == n_embd && v.iter().all(|x| x.abs() <= MAX_VALUE) => Ok(Some(v)),
+            Some(_) => bail!("metadata {} is not {n_embd} finite values within ±{MAX_VALUE:e}", key(name)),
+            None => Ok(None),
+        }
+    }
+
     fn data_set(&self, class: &str) -> Result<DataSet> {
         Ok(DataSet {
             file: self.str(&format!("data.{class}.file"))?,
@@ -469,11 +474,7 @@ fn read_calibration(file: &GgufFile, directions: &BTreeMap<usize, Vec<f32>>) -> 
 
 fn read_gate_fit(r: &Reader, n_layer: usize, n_embd: usize) -> Result<GateFit> {
     let offset = r.uint("gate.offset").unwrap_or(0) as usize;
-    let direction = match r.0.get(&key("gate.direction")) {
-        Some(GgufValue::F32Array(v)) if v.len() == n_embd && v.iter().all(|x| x.is_finite()) => Some(v),
-        Some(_) => bail!("metadata {} is not {n_embd} finite floats", key("gate.direction")),
-        None => None,
-    };
+    let direction = r.vector("gate.direction", n_embd)?;
     let families: Vec<String> = match r.str("gate.families") {
         Ok(s) if !s.is_empty() => s.split(',').map(String::from).collect(),
         _ => Vec::new(),
