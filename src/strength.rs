@@ -1,7 +1,7 @@
 //! Steering defaults from a short generation check: on a few dozen harmful
-//! prompts, short greedy answers with the shift always on, the weakest
-//! strength (relative to each layer's activation norm) on the best window of
-//! layers that makes the model refuse without degenerate output.
+//! prompts, short greedy answers with the shift always on, the highest refusal
+//! share reached without degenerate output, at the weakest strength (relative
+//! to each layer's activation norm) and on the window of layers that reach it.
 
 use anyhow::Result;
 use indicatif::ProgressBar;
@@ -20,7 +20,7 @@ pub struct CheckOptions {
     /// Windows of layers to try.
     pub windows: Vec<Vec<usize>>,
     pub max_tokens: usize,
-    /// Share of the check prompts that must be refused.
+    /// Share of the check prompts that must at least be refused.
     pub min_refusal: f32,
     /// Share of the check prompts that may be degenerate.
     pub max_degenerate: f32,
@@ -62,8 +62,29 @@ impl CheckPoint {
     }
 }
 
-/// Tries each window from the weakest strength up, stopping at the first that
-/// passes; returns the chosen defaults (None when nothing passed) and every point tried.
+/// The passing point with the highest refusal share, then the weakest
+/// strength. On Qwen the weakest strength that only just passed (0.5) left 13%
+/// of held-out jailbreaks answered with the shift always on, 0.6-0.7 left 3%:
+/// prompts unlike the check's need the margin.
+pub fn choose(points: &[CheckPoint], options: &CheckOptions) -> Option<SteerDefaults> {
+    points
+        .iter()
+        .filter(|p| p.passes(options))
+        // Ties go to the deeper window: a gate sits mid-depth, and one that
+        // decides before the first steered layer gates and shifts in one pass.
+        .min_by(|a, b| {
+            b.refused
+                .total_cmp(&a.refused)
+                .then(a.strength.total_cmp(&b.strength))
+                .then(a.degenerate.total_cmp(&b.degenerate))
+                .then(b.layers[0].cmp(&a.layers[0]))
+        })
+        .map(|p| SteerDefaults { strength: Strength::Relative(p.strength), layers: p.layers.clone() })
+}
+
+/// Tries each window from the weakest strength up, until every prompt is
+/// refused or answers turn degenerate; returns the chosen defaults (None when
+/// nothing passed) and every point tried.
 pub fn check(
     model: &Model,
     file: &VectorFile,
@@ -97,21 +118,14 @@ pub fn check(
             })?;
             let share = |v: Verdict| verdicts.iter().filter(|&&x| x == v).count() as f32 / verdicts.len().max(1) as f32;
             let point = CheckPoint { layers: layers.clone(), strength: s, refused: share(Verdict::Refused), degenerate: share(Verdict::Degenerate) };
-            let done = point.passes(options) || point.degenerate > options.max_degenerate;
+            let done = point.refused >= 1.0 || point.degenerate > options.max_degenerate;
             points.push(point);
             if done {
                 break;
             }
         }
     }
-    let chosen = points
-        .iter()
-        .filter(|p| p.passes(options))
-        // Ties go to the deeper window: a gate sits mid-depth, and one that
-        // decides before the first steered layer gates and shifts in one pass.
-        .min_by(|a, b| a.strength.total_cmp(&b.strength).then(a.degenerate.total_cmp(&b.degenerate)).then(b.refused.total_cmp(&a.refused)).then(b.layers[0].cmp(&a.layers[0])))
-        .map(|p| SteerDefaults { strength: Strength::Relative(p.strength), layers: p.layers.clone() });
-    Ok((chosen, points))
+    Ok((choose(&points, options), points))
 }
 
 #[cfg(test)]
@@ -124,5 +138,26 @@ mod tests {
         assert_eq!(CheckOptions::for_depth(18).windows, vec![vec![6], vec![7], vec![6, 7, 8]]);
         let shallow = CheckOptions::for_depth(2).windows;
         assert!(shallow.iter().flatten().all(|&l| l == 1), "layer 0 never takes a shift: {shallow:?}");
+    }
+
+    fn point(layer: usize, strength: f32, refused: f32, degenerate: f32) -> CheckPoint {
+        CheckPoint { layers: vec![layer], strength, refused, degenerate }
+    }
+
+    #[test]
+    fn the_check_prefers_refusing_every_prompt_to_a_weaker_strength() {
+        let options = CheckOptions::for_depth(24);
+        let points = [point(9, 0.5, 0.96, 0.0), point(9, 0.6, 1.0, 0.0), point(10, 0.7, 1.0, 0.0), point(10, 0.4, 0.92, 0.0)];
+        let chosen = choose(&points, &options).expect("points pass");
+        assert_eq!((chosen.layers, chosen.strength), (vec![9], Strength::Relative(0.6)));
+    }
+
+    #[test]
+    fn degenerate_or_weak_points_are_never_chosen() {
+        let options = CheckOptions::for_depth(24);
+        let points = [point(9, 0.8, 1.0, 0.1), point(10, 0.5, 0.85, 0.0)];
+        assert!(choose(&points, &options).is_none());
+        let chosen = choose(&[point(9, 0.8, 1.0, 0.1), point(10, 0.5, 0.92, 0.0)], &options).expect("one passes");
+        assert_eq!(chosen.strength, Strength::Relative(0.5));
     }
 }
