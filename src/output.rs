@@ -24,7 +24,12 @@ pub fn check(path: &Path) -> Result<()> {
 pub fn write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     check(path)?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = tempfile::Builder::new()
+    let mut builder = tempfile::Builder::new();
+    // A temporary file is private (0600); the finished one gets the mode any
+    // new file would (0666 less the umask).
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let tmp = builder
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
         .tempfile_in(folder(path))
@@ -64,5 +69,17 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
         assert!(check(dir.path()).unwrap_err().to_string().contains("is a directory"));
         assert!(check(&dir.path().join("missing/out.gguf")).is_err());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_written_file_has_the_mode_of_any_new_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, plain) = (dir.path().join("ours"), dir.path().join("plain"));
+        write_bytes(&ours, b"x").unwrap();
+        std::fs::write(&plain, b"x").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode();
+        assert_eq!(mode(&ours), mode(&plain));
     }
 }
