@@ -63,9 +63,9 @@ impl CheckPoint {
 }
 
 /// The passing point with the highest refusal share, then the weakest
-/// strength. On Qwen the weakest strength that only just passed (0.5) left 13%
-/// of held-out jailbreaks answered with the shift always on, 0.6-0.7 left 3%:
-/// prompts unlike the check's need the margin.
+/// strength. On Qwen the weakest point that only just passed (0.5 on layer 9)
+/// left 13% of held-out jailbreaks answered gated, where always-on 0.7 on
+/// layer 10 or 0.6 on layer 8 left 3%: prompts unlike the check's need a margin.
 pub fn choose(points: &[CheckPoint], options: &CheckOptions) -> Option<SteerDefaults> {
     points
         .iter()
