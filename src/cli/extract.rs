@@ -54,8 +54,9 @@ pub struct ExtractArgs {
     /// Highest false-positive rate allowed on held-out harmless prompts (plain, wrapped and multi-turn, each)
     #[arg(long, default_value_t = FitOptions::default().max_fpr, value_parser = super::non_negative)]
     max_fpr: f32,
-    /// Harmful prompts (half plain, half wrapped) in the generation check that chooses the steering defaults
-    #[arg(long, default_value_t = 24)]
+    /// Harmful prompts (half plain, half wrapped) in the generation check that chooses the steering defaults;
+    /// 24 could not tell apart strengths that 30 held-out jailbreaks did
+    #[arg(long, default_value_t = 48)]
     check_prompts: usize,
     /// Skip the generation check: the file then has no steering defaults, and commands that steer need --strength and --layers
     #[arg(long)]
@@ -121,8 +122,15 @@ pub fn run(args: ExtractArgs) -> Result<()> {
     Ok(())
 }
 
-/// Chooses the steering defaults with short generations on harmful prompts
-/// (held-out ones where there are enough), half of them wrapped.
+/// The check's harmful prompts: the last `n` held out where there are enough
+/// (`eval` reads held-out prompts from the start), else the last `n` trained on.
+fn check_pool(harmful: &Labelled, n: usize) -> &[String] {
+    let pool = if harmful.held_out.len() >= n { &harmful.held_out } else { &harmful.train };
+    &pool[pool.len().saturating_sub(n)..]
+}
+
+/// Chooses the steering defaults with short generations on harmful prompts,
+/// half of them wrapped.
 fn steering_check(
     args: &ExtractArgs,
     model: &Model,
@@ -131,12 +139,10 @@ fn steering_check(
     harmful: &Labelled,
     wrappers: &Wrappers,
 ) -> Result<Option<SteerDefaults>> {
-    let pool = if harmful.held_out.len() >= args.check_prompts { &harmful.held_out } else { &harmful.train };
     let mut rng = StdRng::seed_from_u64(args.seed.unwrap_or(0));
     let n_families = wrappers.families().len();
-    let prompts: Vec<String> = pool
+    let prompts: Vec<String> = check_pool(harmful, args.check_prompts)
         .iter()
-        .take(args.check_prompts)
         .enumerate()
         .map(|(i, p)| if i % 2 == 0 { p.clone() } else { wrappers.wrap(i / 2 % n_families, p, &mut rng).0 })
         .collect();
@@ -159,4 +165,27 @@ fn steering_check(
         ),
     }
     Ok(chosen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labelled(train: usize, held_out: usize) -> Labelled {
+        let names = |prefix: &str, n: usize| (0..n).map(|i| format!("{prefix}{i}")).collect::<Vec<_>>();
+        Labelled { train: names("t", train), held_out: names("h", held_out) }
+    }
+
+    #[test]
+    fn check_prompts_come_from_the_end_of_the_held_out_prompts_that_eval_reads_from_the_start() {
+        let harmful = labelled(64, 128);
+        let pool = check_pool(&harmful, 48);
+        assert_eq!((pool.len(), pool[0].as_str(), pool[47].as_str()), (48, "h80", "h127"));
+    }
+
+    #[test]
+    fn check_prompts_fall_back_to_training_prompts_when_too_few_are_held_out() {
+        assert_eq!(check_pool(&labelled(64, 10), 48)[0], "t16");
+        assert_eq!(check_pool(&labelled(20, 0), 48).len(), 20);
+    }
 }
