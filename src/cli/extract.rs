@@ -123,7 +123,8 @@ pub fn run(args: ExtractArgs) -> Result<()> {
 }
 
 /// The check's harmful prompts: the last `n` held out where there are enough
-/// (`eval` reads held-out prompts from the start), else the last `n` trained on.
+/// (`eval` reads held-out prompts from the start, so a short eval misses
+/// them), else the last `n` trained on.
 fn check_pool(harmful: &Labelled, n: usize) -> &[String] {
     let pool = if harmful.held_out.len() >= n { &harmful.held_out } else { &harmful.train };
     &pool[pool.len().saturating_sub(n)..]
