@@ -373,9 +373,10 @@ impl<'c, 'm> Engine<'c, 'm> {
             }
             for k in again {
                 let (a, prompt) = (&admitted[k], requests[admitted[k].index].prompt);
-                self.ctx.seq_rm(a.seq as i32, -1, -1);
-                prefill(self.ctx, &mut self.batch, prompt, 0, a.seq as i32, tail)?;
-                self.stats.prompt_tokens += prompt.len();
+                let kept = self.ctx.hook().kept_again(a.seq, a.cached);
+                self.ctx.seq_rm(a.seq as i32, kept as i32, -1);
+                prefill(self.ctx, &mut self.batch, prompt, kept, a.seq as i32, tail)?;
+                self.stats.prompt_tokens += prompt.len() - kept;
                 results[a.index] = self.start(&requests[a.index], a.seq, 2, (self.batch.len() - 1) as i32, on_event);
             }
         }

@@ -364,8 +364,18 @@ impl SteerHook {
     /// prompt pass by `shifter` that reused `cached` rows: its gate fired after
     /// some steered layers had run, or over cached rows that needed a shift.
     pub fn decode_again(&self, seq: usize, shifter: Shifter, cached: usize) -> bool {
-        let unshifted = if self.from_request { self.requests.get(seq).map_or(0, |r| r.start) } else { 0 };
-        (shifter == Shifter::GateOnly || cached > unshifted) && self.is_steered(seq)
+        (shifter == Shifter::GateOnly || cached > self.unshifted(seq)) && self.is_steered(seq)
+    }
+
+    /// Rows of request `seq` a second, shifted pass keeps: the `cached` ones
+    /// (whole, from the prefix cache) when none of them takes the shift.
+    pub fn kept_again(&self, seq: usize, cached: usize) -> usize {
+        if cached > self.unshifted(seq) { 0 } else { cached }
+    }
+
+    /// Leading rows of request `seq` that are never shifted.
+    fn unshifted(&self, seq: usize) -> usize {
+        if self.from_request { self.requests.get(seq).map_or(0, |r| r.start) } else { 0 }
     }
 
     /// Whether rows before each request's start stay unshifted (gated mode's
@@ -501,8 +511,11 @@ impl LayerHook for SteerHook {
         self.gates_here(layer) || shift_here
     }
 
+    // A gate-only prompt pass whose every row is flagged uses nothing past the
+    // gate: each of its requests is decoded again, shifted.
     fn stop_after(&self, layer: usize) -> bool {
-        self.stop_at_gate && self.gate.as_ref().is_some_and(|g| g.layer() == layer)
+        let all_again = self.shifter == Shifter::GateOnly && self.row_seq.iter().all(|&s| self.is_steered(s));
+        (self.stop_at_gate || all_again) && self.gate.as_ref().is_some_and(|g| g.layer() == layer)
     }
 
     fn on_layer(&mut self, layer: usize, out: &mut LayerOutput) -> Result<()> {
@@ -606,12 +619,34 @@ mod tests {
         assert!(!h.decode_again(0, Shifter::Hook, 5), "the rows before the request are never shifted");
         assert!(h.decode_again(0, Shifter::Hook, 6));
         assert!(!h.decode_again(1, Shifter::GateOnly, 5), "an unflagged request stands");
+        assert_eq!(h.kept_again(0, 5), 5, "the cached rows before the request stand");
+        assert_eq!(h.kept_again(0, 6), 0, "a cached request row must be shifted");
+        h.set_shift_from_request(false);
+        assert_eq!(h.kept_again(0, 5), 0, "every row is shifted");
+        h.set_shift_from_request(true);
         let left = |seq: usize| if seq == 0 { HANDOFF_MIN_TOKENS } else { 10 };
         assert!(h.hands_off(&[0], false, left));
         assert!(!h.hands_off(&[0, 1], true, left), "an unsteered row keeps the shift in the hook");
         h.requests[2] = flagged;
         assert!(!h.hands_off(&[0, 2], false, left), "a short answer does not pay for the switch");
         assert!(h.hands_off(&[0, 2], true, left), "a vector already set stays");
+    }
+
+    #[test]
+    fn a_gate_only_pass_stops_at_the_gate_only_when_every_row_is_decoded_again() {
+        let mut h = hook(0, 3);
+        let flagged = Request { decision: Some(GateDecision { score: 1.0, harmful: true, layer: 1 }), ..Request::default() };
+        h.requests[0] = flagged.clone();
+        h.requests[2] = flagged;
+        h.set_shifter(Shifter::GateOnly);
+        h.plan(&Rows(vec![(0, false), (0, true), (2, true)]), &Reads::NONE).unwrap();
+        assert!(h.stop_after(1), "every row is decoded again: nothing past the gate (layer 1) is used");
+        assert!(!h.stop_after(2), "only at the gate's layer");
+        h.plan(&Rows(vec![(0, true), (1, true)]), &Reads::NONE).unwrap();
+        assert!(!h.stop_after(1), "an unflagged request's answer needs every layer");
+        h.set_shifter(Shifter::Hook);
+        h.plan(&Rows(vec![(0, true)]), &Reads::NONE).unwrap();
+        assert!(!h.stop_after(1), "a shifted pass is the answer's own");
     }
 
     #[test]
