@@ -27,6 +27,10 @@ pub struct Sampling {
     /// DRY repetition penalty (multiplier; 0 is off) on steered answers only:
     /// the shift can trap a small model in a refusal that repeats itself.
     pub steered_dry: f32,
+    /// Never end on an end-of-generation token: every answer runs to
+    /// `max_tokens` (llama-server's `ignore_eos`), so load tests compare
+    /// servers on the same number of tokens whatever each answer says.
+    pub ignore_eos: bool,
 }
 
 /// The DRY multiplier llama.cpp's documentation suggests.
@@ -40,7 +44,7 @@ const DRY_WINDOW: i32 = 1024;
 const GREEDY_SHORTLIST: usize = 64;
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { max_tokens: 128, temperature: 0.0, top_k: 40, top_p: 0.95, seed: 42, steered_dry: DEFAULT_STEERED_DRY }
+        Sampling { max_tokens: 128, temperature: 0.0, top_k: 40, top_p: 0.95, seed: 42, steered_dry: DEFAULT_STEERED_DRY, ignore_eos: false }
     }
 }
 
@@ -112,6 +116,7 @@ struct Slot {
     emitted: usize,
     sampler: Option<LlamaSampler>,
     greedy: bool,
+    ignore_eos: bool,
     /// Row of this sequence's logits in the last batch.
     logits_row: i32,
     budget: usize,
@@ -190,6 +195,8 @@ pub struct Engine<'c, 'm> {
     dry: DrySamplers,
     stats: RunStats,
     prefix: Option<PrefixCache>,
+    /// End-of-generation token ids, listed when a request first ignores them.
+    eog: Option<Vec<usize>>,
 }
 
 /// A request to admit: its id, prompt tokens and sampling.
@@ -243,19 +250,20 @@ impl<'c, 'm> Engine<'c, 'm> {
             dry: DrySamplers { made: Vec::new() },
             stats: RunStats::default(),
             prefix: None,
+            eog: None,
         }
     }
 
     /// Decodes `tokens` once into the sequence after the request slots, so new
     /// prompts that start with them (a chat template's system prompt and user
     /// header) skip decoding them. Needs one KV cache for all sequences, a
-    /// hook that tracks that extra sequence, and gated mode, which never
-    /// shifts the rows before a request starts, so a flagged request keeps
-    /// the cached rows as they would have been without the cache.
+    /// hook that tracks that extra sequence, and a mode that never shifts the
+    /// rows before a request starts (gated or plain), so a flagged request
+    /// keeps the cached rows as they would have been without the cache.
     pub fn cache_prefix(&mut self, tokens: &[i32]) -> Result<()> {
         let seq = self.slots.len();
-        if !(self.ctx.kv_unified() && seq < self.ctx.n_seq_max() && self.ctx.hook().mode() == Mode::Gated) {
-            bail!("a prefix cache needs gated mode, one KV cache for all sequences and a spare sequence");
+        if !(self.ctx.kv_unified() && seq < self.ctx.n_seq_max() && self.ctx.hook().mode() != Mode::Always) {
+            bail!("a prefix cache needs gated or plain mode, one KV cache for all sequences and a spare sequence");
         }
         if tokens.is_empty() {
             return Ok(());
@@ -459,6 +467,10 @@ impl<'c, 'm> Engine<'c, 'm> {
             self.ctx.seq_rm(seq as i32, -1, -1);
             return Err(e);
         }
+        if request.sampling.ignore_eos && self.eog.is_none() {
+            let vocab = self.model.llama().vocab();
+            self.eog = Some((0..self.model.n_vocab()).filter(|&id| vocab.is_eog(LlamaToken(id as i32))).collect());
+        }
         let hook = self.ctx.hook();
         let steered = hook.is_steered(seq);
         on_event(Event::Started { request: request.id, gate: hook.decision(seq), steered });
@@ -471,6 +483,7 @@ impl<'c, 'm> Engine<'c, 'm> {
             emitted: 0,
             sampler: request.sampling.sampler(steered, |multiplier| self.dry.get(self.model, multiplier)),
             greedy: request.sampling.temperature <= 0.0,
+            ignore_eos: request.sampling.ignore_eos,
             logits_row,
             budget: request.sampling.max_tokens.min(self.room - request.prompt.len()),
         });
@@ -637,6 +650,10 @@ impl<'c, 'm> Engine<'c, 'm> {
     fn sample(&mut self, seq: usize, on_event: &mut impl FnMut(Event)) -> Result<bool> {
         let vocab = self.model.llama().vocab();
         let slot = self.slots[seq].as_mut().expect("sampling a live slot");
+        if let (Some(eog), true) = (&self.eog, slot.ignore_eos) {
+            let logits = self.ctx.logits_mut(slot.logits_row);
+            eog.iter().for_each(|&id| logits[id] = f32::NEG_INFINITY);
+        }
         let logits = self.ctx.logits(slot.logits_row);
         let token = match &mut slot.sampler {
             // Greedy: the first highest logit, as llama.cpp's greedy sampler picks.

@@ -650,11 +650,23 @@ impl<'m, H: LayerHook> Context<'m, H> {
 
     /// Logits of the `i`-th token of the last batch (must have requested output).
     pub fn logits(&self, i: i32) -> &[f32] {
+        let (ptr, n_vocab) = self.logits_raw(i);
+        // SAFETY: llama.cpp keeps n_vocab logits for that output until the next decode.
+        unsafe { std::slice::from_raw_parts(ptr, n_vocab) }
+    }
+
+    /// The same logits, to change before sampling (they are this context's until the next decode).
+    pub fn logits_mut(&mut self, i: i32) -> &mut [f32] {
+        let (ptr, n_vocab) = self.logits_raw(i);
+        // SAFETY: as `logits`; `&mut self` keeps every other view away.
+        unsafe { std::slice::from_raw_parts_mut(ptr, n_vocab) }
+    }
+
+    fn logits_raw(&self, i: i32) -> (*mut f32, usize) {
         let n_vocab = unsafe { sys::llama_vocab_n_tokens(sys::llama_model_get_vocab(sys::llama_get_model(self.raw.as_ptr()))) };
         let ptr = unsafe { sys::llama_get_logits_ith(self.raw.as_ptr(), i) };
         assert!(!ptr.is_null(), "token {i} of the last batch did not request logits");
-        // SAFETY: llama.cpp keeps n_vocab logits for that output until the next decode.
-        unsafe { std::slice::from_raw_parts(ptr, n_vocab as usize) }
+        (ptr, n_vocab as usize)
     }
 
     /// llama.cpp's own control vector: `data` holds layers 1..n_layer, n_embd each;

@@ -292,9 +292,31 @@ fn load_test_loses_and_mixes_up_nothing() {
     ]);
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["concurrent"]["errors"], 0);
+    assert_eq!(report["concurrent"]["tokens"], 12 * 12, "every answer runs to --max-tokens");
     assert_eq!(report["lost"], 0);
     assert_eq!(report["mismatched"], json!([]));
     assert_eq!(report["steered"], 3, "every fourth request is harmful");
+}
+
+/// llama-server's `ignore_eos`: what `bench serve` sends both servers so
+/// that an answer which ends early does not read as a slower server. Served
+/// in plain mode, which shares the template's cached prefix and never steers.
+#[test]
+fn ignore_eos_answers_run_to_max_tokens() {
+    let server = start_server(QWEN, &["--parallel", "2", "--mode", "plain"]);
+    let ask = |ignore_eos: bool| -> Value {
+        let body = json!({"messages": [{"role": "user", "content": "Reply with the single word yes."}], "max_tokens": 24, "temperature": 0, "ignore_eos": ignore_eos});
+        agent().post(&format!("{}/v1/chat/completions", server.url)).send_json(body).unwrap().into_json().unwrap()
+    };
+    let natural = ask(false);
+    assert!(natural["usage"]["completion_tokens"].as_u64().unwrap() < 24, "{natural}");
+    assert_eq!(natural["choices"][0]["finish_reason"], "stop");
+    let forced = ask(true);
+    assert_eq!(forced["usage"]["completion_tokens"], 24, "{forced}");
+    assert_eq!(forced["choices"][0]["finish_reason"], "length");
+    assert!(content(&forced).starts_with(content(&natural)), "the same greedy answer, continued: {forced}");
+    let harmful = chat(&server.url, &harmful(1)[0], 4);
+    assert!(!steered(&harmful) && harmful["inferalign"]["mode"] == "plain", "{harmful}");
 }
 
 /// More idle and slow connections than the server takes: the extra ones are

@@ -35,9 +35,14 @@ pub struct ServeBench {
     /// Requests the server decodes together (its --parallel)
     #[arg(long, default_value_t = 8)]
     parallel: usize,
-    /// Tokens per answer
+    /// Tokens per answer: every answer runs to this length (`ignore_eos`), on
+    /// both servers, so a refusal that ends early does not count as a slower server
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
+    /// Let answers end at the model's end-of-generation token instead (tokens/s
+    /// then also measures how long the answers are)
+    #[arg(long)]
+    natural_length: bool,
     /// Run the server with --deterministic; answers under load must then match those served alone
     #[arg(long)]
     deterministic: bool,
@@ -55,6 +60,13 @@ pub struct ServeBench {
     json: bool,
 }
 
+/// How long answers are: `max_tokens` each, or up to it with `natural` ends.
+#[derive(Clone, Copy)]
+struct Length {
+    max_tokens: usize,
+    natural: bool,
+}
+
 struct Answer {
     text: String,
     tokens: usize,
@@ -63,8 +75,8 @@ struct Answer {
     steered: Option<bool>,
 }
 
-fn ask(agent: &ureq::Agent, url: &str, prompt: &str, max_tokens: usize) -> Result<Answer> {
-    let body = json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0});
+fn ask(agent: &ureq::Agent, url: &str, prompt: &str, length: Length) -> Result<Answer> {
+    let body = json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": length.max_tokens, "temperature": 0, "ignore_eos": !length.natural});
     let reply: Value = agent.post(&format!("{url}/v1/chat/completions")).send_json(body)?.into_json()?;
     Ok(Answer {
         text: reply["choices"][0]["message"]["content"].as_str().context("no message content")?.to_string(),
@@ -78,13 +90,14 @@ fn ask(agent: &ureq::Agent, url: &str, prompt: &str, max_tokens: usize) -> Resul
 struct Pass {
     clients: usize,
     seconds: f64,
+    tokens: usize,
     requests_per_second: f64,
     tokens_per_second: f64,
     errors: usize,
 }
 
 /// Sends every prompt from `clients` threads; answers come back in prompt order.
-fn pass(url: &str, prompts: &[String], clients: usize, max_tokens: usize) -> (Pass, Vec<Option<Answer>>) {
+fn pass(url: &str, prompts: &[String], clients: usize, length: Length) -> (Pass, Vec<Option<Answer>>) {
     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(600)).build();
     let next = AtomicUsize::new(0);
     let answers: Mutex<Vec<Option<Answer>>> = Mutex::new((0..prompts.len()).map(|_| None).collect());
@@ -95,7 +108,7 @@ fn pass(url: &str, prompts: &[String], clients: usize, max_tokens: usize) -> (Pa
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(prompt) = prompts.get(i) else { return };
-                match ask(&agent, url, prompt, max_tokens) {
+                match ask(&agent, url, prompt, length) {
                     Ok(answer) => answers.lock().expect("no panics")[i] = Some(answer),
                     Err(e) => {
                         eprintln!("request {i} failed: {e:#}");
@@ -111,6 +124,7 @@ fn pass(url: &str, prompts: &[String], clients: usize, max_tokens: usize) -> (Pa
     let pass = Pass {
         clients,
         seconds,
+        tokens,
         requests_per_second: answers.iter().flatten().count() as f64 / seconds,
         tokens_per_second: tokens as f64 / seconds,
         errors: errors.into_inner(),
@@ -138,9 +152,16 @@ fn llama_server_args(m: &ModelArgs, parallel: usize) -> Result<Vec<String>> {
 
 type Answers = Vec<Option<Answer>>;
 
+impl ServeBench {
+    fn length(&self) -> Length {
+        Length { max_tokens: self.max_tokens, natural: self.natural_length }
+    }
+}
+
 /// One client on `prompts[0]`, then `clients` at once on `prompts[1]`, on the server at `url`.
 fn round(url: &str, prompts: &[Vec<String>], args: &ServeBench) -> [(Pass, Answers); 2] {
-    [pass(url, &prompts[0], 1, args.max_tokens), pass(url, &prompts[1], args.clients, args.max_tokens)]
+    let length = args.length();
+    [pass(url, &prompts[0], 1, length), pass(url, &prompts[1], args.clients, length)]
 }
 
 /// `passes` lists of `requests` prompts, every fourth harmful, no prompt
@@ -193,7 +214,7 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
         }
     }
     // Untimed: the first concurrent pass's prompts once more, one at a time, to compare answers.
-    let (_, alone_again) = pass(&server.url, &prompts[1], 1, args.max_tokens);
+    let (_, alone_again) = pass(&server.url, &prompts[1], 1, args.length());
     drop(server);
     drop(stock);
 
@@ -228,6 +249,7 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
         "parallel": args.parallel,
         "deterministic": args.deterministic,
         "max_tokens": args.max_tokens,
+        "natural_length": args.natural_length,
         "one_at_a_time": alone,
         "concurrent": together,
         "rounds": passes(&ours),
@@ -241,7 +263,8 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("{} new requests a pass ({} harmful), --parallel {}, {} tokens each", args.requests, args.requests / 4, args.parallel, args.max_tokens);
+        let each = if args.natural_length { "at most" } else { "exactly" };
+        println!("{} new requests a pass ({} harmful), --parallel {}, {each} {} tokens each", args.requests, args.requests / 4, args.parallel, args.max_tokens);
         println!("{:<18} {:>5} {:>8} {:>9} {:>10} {:>7}", "server", "clients", "seconds", "req/s", "tok/s", "errors");
         let named = [("inferalign", &ours)].into_iter().chain(theirs.first().map(|_| ("llama-server", &theirs)));
         for (name, rounds) in named {

@@ -66,6 +66,7 @@ impl SamplingArgs {
             top_p: self.top_p,
             seed: self.seed,
             steered_dry: self.steered_dry,
+            ignore_eos: false,
         }
     }
 }

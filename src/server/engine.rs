@@ -94,7 +94,7 @@ pub fn run_engine<'m>(
     let mut engine = Engine::new(model, ctx, parallel);
     if deterministic {
         engine.limit_rows(BATCH_INVARIANT_ROWS);
-    } else if engine.mode() == Mode::Gated {
+    } else if engine.mode() != Mode::Always {
         engine.cache_prefix(&template_prefix(model, template)?)?;
     }
     let mut live: HashMap<usize, Live> = HashMap::new();

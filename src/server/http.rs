@@ -294,6 +294,9 @@ struct Options {
     seed: Option<i64>,
     stop: Option<StopField>,
     n: Option<u32>,
+    /// llama-server's extension: answer exactly max_tokens tokens.
+    #[serde(default)]
+    ignore_eos: bool,
     // Accepted only to refuse them clearly: silently ignoring them would
     // answer something other than what the client asked for.
     tools: Option<Value>,
@@ -349,6 +352,7 @@ impl Options {
             top_k: self.top_k.unwrap_or(40),
             top_p,
             seed: self.seed.map_or_else(rand::random, |s| s as u32),
+            ignore_eos: self.ignore_eos,
             ..Sampling::default()
         })
     }
