@@ -379,13 +379,29 @@ impl<'c, 'm> Engine<'c, 'm> {
                 let a = &admitted[k];
                 results[a.index] = self.start(&requests[a.index], a.seq, 1, a.logits_row, on_event);
             }
-            for k in again {
-                let (a, prompt) = (&admitted[k], requests[admitted[k].index].prompt);
+            self.redecode_shifted(requests, admitted, &again, results, on_event)?;
+        }
+        Ok(())
+    }
+
+    /// Decodes the flagged requests `again` once more, shifted, sharing
+    /// decode calls as a first pass does, and starts each.
+    fn redecode_shifted(&mut self, requests: &[NewRequest], admitted: &[Admission], again: &[usize], results: &mut [Result<()>], on_event: &mut impl FnMut(Event)) -> Result<()> {
+        let mut second: Vec<Admission> = again
+            .iter()
+            .map(|&k| {
+                let a = &admitted[k];
                 let kept = self.ctx.hook().kept_again(a.seq, a.cached);
                 self.ctx.seq_rm(a.seq as i32, kept as i32, -1);
-                prefill(self.ctx, &mut self.batch, prompt, kept, a.seq as i32, tail)?;
-                self.stats.prompt_tokens += prompt.len() - kept;
-                results[a.index] = self.start(&requests[a.index], a.seq, 2, (self.batch.len() - 1) as i32, on_event);
+                Admission { index: a.index, seq: a.seq, cached: kept, logits_row: 0 }
+            })
+            .collect();
+        let tail = self.gate_tail();
+        for group in self.groups(requests, &second) {
+            self.decode_group(requests, &mut second, &group, tail)?;
+            for &k in &group {
+                let a = &second[k];
+                results[a.index] = self.start(&requests[a.index], a.seq, 2, a.logits_row, on_event);
             }
         }
         Ok(())
