@@ -46,7 +46,7 @@ pub struct ServeArgs {
     /// token-identical to the same request served alone. Costs speed: weight
     /// repacking off, a KV stream per request, each prompt prefilled alone, at
     /// most 4 requests per decode, no prompt-prefix cache (Qwen 0.5B, 2 cores:
-    /// 0.70x the default's tokens/s one client at a time, 0.60x under 16
+    /// 0.76x the default's tokens/s one client at a time, 0.65x under 16
     /// clients; see the README)
     #[arg(long)]
     pub deterministic: bool,
