@@ -2,6 +2,7 @@
 //! `llama_decode`, with the shared templated prefix decoded once.
 
 use anyhow::{bail, Result};
+use half::f16;
 use indicatif::ProgressBar;
 use ndarray::{Array2, Array3};
 
@@ -61,7 +62,10 @@ pub struct CaptureHook {
     acts: Array3<f32>,
     request_layers: Vec<usize>,
     request_plan: Vec<usize>,
-    request_acts: Vec<Vec<f32>>,
+    /// Half precision: every request token of every prompt adds up to most
+    /// of an extraction's memory, and f16 keeps far more precision than the
+    /// batch-to-batch rounding of the activations themselves.
+    request_acts: Vec<Vec<f16>>,
 }
 
 impl CaptureHook {
@@ -113,7 +117,7 @@ impl CaptureHook {
 
     /// The request tokens' rows captured since `begin`, `[token, n_embd]` for
     /// each request layer, prompts one after another.
-    pub fn take_request(&mut self) -> Vec<Array2<f32>> {
+    pub fn take_request(&mut self) -> Vec<Array2<f16>> {
         self.request_plan.clear();
         let n_embd = self.n_embd;
         self.request_acts
@@ -145,7 +149,7 @@ impl LayerHook for CaptureHook {
             let (plan, store) = (&self.request_plan, &mut self.request_acts[k]);
             out.read(|data| {
                 for &row in plan {
-                    store.extend_from_slice(&data[row * n_embd..(row + 1) * n_embd]);
+                    store.extend(data[row * n_embd..(row + 1) * n_embd].iter().map(|&x| f16::from_f32(x)));
                 }
             });
         }
@@ -343,7 +347,7 @@ pub struct Captured {
     /// `[prompt * offsets.len() + i, layer, n_embd]`.
     pub acts: Array3<f32>,
     /// Per request layer, `[token, n_embd]`: each prompt's request tokens, prompt after prompt.
-    pub request: Vec<Array2<f32>>,
+    pub request: Vec<Array2<f16>>,
     pub stats: DecodeStats,
 }
 

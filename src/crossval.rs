@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeSet, HashSet};
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 
 use crate::probe::logistic_direction;
@@ -38,7 +40,7 @@ impl Part for Rows {
     fn fit(&self, harmful: &[bool], train: &dyn Fn(usize) -> bool) -> Option<Array1<f32>> {
         let idx: Vec<usize> = (0..self.0.nrows()).filter(|&i| train(i)).collect();
         let labels: Vec<bool> = idx.iter().map(|&i| harmful[i]).collect();
-        logistic_direction(self.0.select(Axis(0), &idx).view(), &labels)
+        logistic_direction(self.0.select(Axis(0), &idx), &labels)
     }
 
     fn score(&self, direction: ArrayView1<f32>, i: usize) -> f32 {
@@ -52,8 +54,8 @@ impl Part for Rows {
 /// wrapper's tokens before a harmful instruction, are not (tokens after it
 /// are left out: they may still carry it).
 pub struct RequestTokens<'a> {
-    /// `[token, n_embd]` of every example, consecutive.
-    pub acts: ArrayView2<'a, f32>,
+    /// `[token, n_embd]` of every example, consecutive (as captured, in half precision).
+    pub acts: ArrayView2<'a, f16>,
     /// Each example's rows in `acts`.
     pub rows: &'a [std::ops::Range<usize>],
     /// Each example's instruction, as rows of `acts`.
@@ -79,12 +81,30 @@ impl Part for RequestTokens<'_> {
                 idx.extend(rows.clone());
             }
         }
-        logistic_direction(self.acts.select(Axis(0), &idx).view(), &labels)
+        let mut x = Array2::zeros((idx.len(), self.acts.ncols()));
+        for (mut to, &i) in x.rows_mut().into_iter().zip(&idx) {
+            self.row(i, to.as_slice_mut().expect("a fresh array's rows are contiguous"));
+        }
+        logistic_direction(x, &labels)
     }
 
     fn score(&self, direction: ArrayView1<f32>, i: usize) -> f32 {
-        let rows = self.acts.slice(ndarray::s![self.rows[i].clone(), ..]);
-        rows.dot(&direction).iter().copied().fold(f32::NAN, f32::max)
+        let mut row = vec![0.0; self.acts.ncols()];
+        self.rows[i].clone().fold(f32::NAN, |best, t| {
+            self.row(t, &mut row);
+            best.max(ArrayView1::from(&row[..]).dot(&direction))
+        })
+    }
+}
+
+impl RequestTokens<'_> {
+    /// Token row `t` of `acts`, in single precision.
+    fn row(&self, t: usize, out: &mut [f32]) {
+        let row = self.acts.row(t);
+        match row.as_slice() {
+            Some(half) => half.convert_to_f32_slice(out),
+            None => out.iter_mut().zip(row).for_each(|(o, h)| *o = h.to_f32()),
+        }
     }
 }
 
@@ -293,12 +313,12 @@ mod tests {
             instruction.push(start + 1..start + 3);
             harmful.push(h);
         }
-        let acts = Array2::from_shape_vec((360, 2), acts).unwrap();
+        let acts = Array2::from_shape_vec((360, 2), acts).unwrap().mapv(f16::from_f32);
         let part = RequestTokens { acts: acts.view(), rows: &rows, instruction: &instruction };
         let fit = Fit::new(&part, &harmful, |_| true).unwrap();
         assert!(fit.direction[0] > 0.9, "{:?}", fit.direction);
         assert!((0..60).all(|i| (fit.z(&part, i) > 3.0) == harmful[i]));
-        let last_tokens = Array2::from_shape_fn((60, 2), |(i, d)| acts[[rows[i].end - 1, d]]);
+        let last_tokens = Array2::from_shape_fn((60, 2), |(i, d)| acts[[rows[i].end - 1, d]].to_f32());
         let last = Fit::new(&Rows(last_tokens.clone()), &harmful, |_| true);
         assert!(last.is_none_or(|f| (0..60).any(|i| (f.z(&Rows(last_tokens.clone()), i) > 3.0) != harmful[i])));
     }

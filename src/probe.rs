@@ -7,7 +7,7 @@ use argmin::core::{CostFunction, Executor, Gradient};
 use argmin::solver::linesearch::condition::ArmijoCondition;
 use argmin::solver::linesearch::BacktrackingLineSearch;
 use argmin::solver::quasinewton::LBFGS;
-use ndarray::{s, Array1, ArrayView2, Axis};
+use ndarray::{s, Array1, Array2, ArrayView2, Axis};
 
 /// Regularisation strength on the summed log-loss over standardised
 /// features: strong, so the probe stays close to a scaled mean difference and
@@ -58,24 +58,27 @@ impl Gradient for Logistic<'_> {
 }
 
 /// The probe's unit direction, oriented so harmful rows project higher than
-/// harmless ones; None when a class is missing or the fit fails.
-pub fn logistic_direction(x: ArrayView2<f32>, harmful: &[bool]) -> Option<Array1<f32>> {
+/// harmless ones; None when a class is missing or the fit fails. `x` is
+/// standardised in place: it is often the largest array an extraction holds.
+pub fn logistic_direction(mut x: Array2<f32>, harmful: &[bool]) -> Option<Array1<f32>> {
     if x.nrows() != harmful.len() || !harmful.iter().any(|&h| h) || harmful.iter().all(|&h| h) {
         return None;
     }
     let mean = x.mean_axis(Axis(0))?;
     let sd = x.std_axis(Axis(0), 0.0).mapv(|s| s + 1e-3);
-    let standard = (&x - &mean) / &sd;
+    x -= &mean;
+    x /= &sd;
+    let d = x.ncols();
     let y: Array1<f32> = harmful.iter().map(|&h| if h { 1.0 } else { -1.0 }).collect();
-    let problem = Logistic { x: standard.view(), y, alpha: ALPHA };
+    let problem = Logistic { x: x.view(), y, alpha: ALPHA };
     // Converged as scikit-learn's lbfgs would call it (its loss is ours times 1/ALPHA).
     // A backtracking line search takes one or two evaluations a step where More-Thuente takes many.
     let linesearch = BacktrackingLineSearch::new(ArmijoCondition::new(1e-4f32).ok()?);
     let solver = LBFGS::new(linesearch, 10).with_tolerance_grad(0.3).ok()?;
-    let init = Array1::zeros(x.ncols() + 1);
+    let init = Array1::zeros(d + 1);
     let result = Executor::new(problem, solver).configure(|state| state.param(init).max_iters(100)).run().ok()?;
     let best = result.state().best_param.clone()?;
-    let mut direction = best.slice(s![..x.ncols()]).to_owned() / &sd;
+    let mut direction = best.slice(s![..d]).to_owned() / &sd;
     let norm = direction.dot(&direction).sqrt();
     if !(norm > 0.0 && norm.is_finite()) {
         return None;
@@ -100,8 +103,8 @@ mod tests {
             let class = if harmful[i] { 1.0 } else { -1.0 };
             if j == 0 { class + 0.05 * noise } else { 10.0 * noise + 1.0 + class }
         });
-        let d = logistic_direction(x.view(), &harmful).unwrap();
+        let d = logistic_direction(x.clone(), &harmful).unwrap();
         assert!(d[0] > 0.9, "{d:?}");
-        assert!(logistic_direction(x.view(), &vec![true; n]).is_none());
+        assert!(logistic_direction(x, &vec![true; n]).is_none());
     }
 }

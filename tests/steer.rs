@@ -348,7 +348,7 @@ fn the_request_gate_reads_a_request_split_across_batches() {
     for (i, p) in prompts.iter().enumerate() {
         let rows = captured.request[0].slice(s![at..at + p.len() - starts[i], ..]);
         at += p.len() - starts[i];
-        let projections: Vec<f32> = rows.rows().into_iter().map(|r| r.iter().zip(&weights).map(|(a, w)| a * w).sum()).collect();
+        let projections: Vec<f32> = rows.rows().into_iter().map(|r| r.iter().zip(&weights).map(|(a, w)| a.to_f32() * w).sum()).collect();
         let offline = projections.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         for (name, score) in [("one batch", whole[i]), ("batches of 64", chunked[i])] {
             assert!((score - offline).abs() <= 0.02 * offline.abs().max(1.0), "prompt {i} {name}: {score}, offline {offline}");
