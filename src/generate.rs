@@ -287,6 +287,11 @@ impl<'c, 'm> Engine<'c, 'm> {
         self.ctx.hook_mut()
     }
 
+    /// `llama_decode` calls made on this engine's context so far.
+    pub fn decodes(&self) -> usize {
+        self.ctx.decodes()
+    }
+
     pub fn stats(&self) -> RunStats {
         self.stats
     }
@@ -327,6 +332,21 @@ impl<'c, 'm> Engine<'c, 'm> {
     /// hook gates each on its own rows). One result per request, in order.
     pub fn admit_all(&mut self, requests: &[NewRequest], on_event: &mut impl FnMut(Event)) -> Vec<Result<()>> {
         let started = Instant::now();
+        let (mut admitted, mut results) = self.allocate(requests);
+        if let Err(e) = self.prefill_all(requests, &mut admitted, &mut results, on_event) {
+            let why = format!("{e:#}");
+            for a in &admitted {
+                if results[a.index].is_ok() && self.slots[a.seq].is_none() {
+                    results[a.index] = Err(anyhow!("{why}"));
+                }
+            }
+        }
+        self.stats.prefill_seconds += started.elapsed().as_secs_f64();
+        results
+    }
+
+    /// A free sequence for each request that fits, or why not; one result per request.
+    fn allocate(&self, requests: &[NewRequest]) -> (Vec<Admission>, Vec<Result<()>>) {
         let mut results: Vec<Result<()>> = Vec::new();
         let mut admitted = Vec::new();
         for r in requests {
@@ -340,16 +360,57 @@ impl<'c, 'm> Engine<'c, 'm> {
                 }
             }
         }
-        if let Err(e) = self.prefill_all(requests, &mut admitted, &mut results, on_event) {
-            let why = format!("{e:#}");
-            for a in &admitted {
-                if results[a.index].is_ok() && self.slots[a.seq].is_none() {
-                    results[a.index] = Err(anyhow!("{why}"));
-                }
+        (admitted, results)
+    }
+
+    /// Admits `requests` and advances every live request one token. When
+    /// requests are live and everything fits one batch, the new prompts ride
+    /// in the live requests' decode call, as llama-server's continuous
+    /// batching has them: one pass over the weights instead of two. Not with
+    /// a row limit or a KV stream per sequence (`--deterministic`).
+    pub fn advance(&mut self, requests: &[NewRequest], on_event: &mut impl FnMut(Event)) -> Result<Vec<Result<()>>> {
+        let live: Vec<usize> = (0..self.slots.len()).filter(|&s| self.slots[s].is_some()).collect();
+        let tail = self.gate_tail();
+        let rows = live.len() + requests.iter().map(|r| r.prompt.len() - self.cached_for(r.prompt, tail)).sum::<usize>();
+        let mixes = !requests.is_empty() && !live.is_empty() && self.ctx.kv_unified() && self.max_rows >= self.slots.len() && rows <= self.batch.capacity();
+        if !mixes {
+            let results = self.admit_all(requests, on_event);
+            if !self.is_idle() {
+                self.step(on_event)?;
             }
+            return Ok(results);
         }
-        self.stats.prefill_seconds += started.elapsed().as_secs_f64();
-        results
+        let started = Instant::now();
+        let (mut admitted, mut results) = self.allocate(requests);
+        self.use_control_vector(false)?;
+        self.begin_all(requests, &mut admitted, tail)?;
+        let longest = admitted.iter().map(|a| requests[a.index].prompt.len() - a.cached).max().unwrap_or(0);
+        // The hook shifts the live flagged requests' rows; a new request is
+        // undecided before its gate layer, so steered layers before it leave
+        // its rows as a gate-only pass would, and it is decoded again if flagged.
+        let shifter = self.ctx.hook().prompt_shifter(longest, self.batch.capacity());
+        self.batch.clear();
+        for &seq in &live {
+            let slot = self.slots[seq].as_mut().expect("live");
+            slot.logits_row = self.batch.len() as i32;
+            self.batch.add(*slot.tokens.last().expect("a live slot has sampled a token"), (slot.prompt_len + slot.tokens.len() - 1) as i32, seq as i32, true);
+        }
+        let all: Vec<usize> = (0..admitted.len()).collect();
+        self.add_prompts(requests, &mut admitted, &all);
+        self.ctx.hook_mut().plan(&self.batch, &Reads::NONE)?;
+        self.ctx.decode(&mut self.batch).context("decode failed")?;
+        for &seq in &live {
+            let sampled = self.sample(seq, on_event)?;
+            self.stats.generated_tokens += sampled as usize;
+        }
+        let again: Vec<usize> = all.iter().copied().filter(|&k| self.ctx.hook().decode_again(admitted[k].seq, shifter, admitted[k].cached)).collect();
+        for &k in all.iter().filter(|k| !again.contains(k)) {
+            let a = &admitted[k];
+            results[a.index] = self.start(&requests[a.index], a.seq, 1, a.logits_row, on_event);
+        }
+        self.redecode_shifted(requests, &admitted, &again, &mut results, on_event)?;
+        self.stats.decode_seconds += started.elapsed().as_secs_f64();
+        Ok(results)
     }
 
     /// Decodes the admitted prompts in groups that fit one batch (a prompt
@@ -358,12 +419,7 @@ impl<'c, 'm> Engine<'c, 'm> {
         // The prompt pass gates first, so the hook must hold the shift.
         self.use_control_vector(false)?;
         let tail = self.gate_tail();
-        for a in admitted.iter_mut() {
-            let prompt = requests[a.index].prompt;
-            let start = self.ctx.hook().request_start(prompt);
-            a.cached = self.share_prefix(a.seq, prompt, tail, self.first_read(start));
-            self.ctx.hook_mut().begin_request(a.seq, start)?;
-        }
+        self.begin_all(requests, admitted, tail)?;
         let capacity = self.batch.capacity();
         for group in self.groups(requests, admitted) {
             let longest = group.iter().map(|&k| requests[admitted[k].index].prompt.len() - admitted[k].cached).max().unwrap_or(0);
@@ -439,11 +495,28 @@ impl<'c, 'm> Engine<'c, 'm> {
         if self.ctx.hook().gate().is_some_and(Gate::reads_request) { start } else { usize::MAX }
     }
 
+    /// Gives each admitted request its cached prefix cells and tells the hook where its request starts.
+    fn begin_all(&mut self, requests: &[NewRequest], admitted: &mut [Admission], tail: usize) -> Result<()> {
+        for a in admitted.iter_mut() {
+            let prompt = requests[a.index].prompt;
+            let start = self.ctx.hook().request_start(prompt);
+            a.cached = self.share_prefix(a.seq, prompt, tail);
+            self.ctx.hook_mut().begin_request(a.seq, start)?;
+        }
+        Ok(())
+    }
+
+    /// Prompt tokens of `prompt` the prefix cache supplies: never the first token the gate reads.
+    fn cached_for(&self, prompt: &[i32], tail: usize) -> usize {
+        let keep = self.first_read(self.ctx.hook().request_start(prompt));
+        self.prefix.as_ref().map_or(0, |p| p.shared_with(prompt, tail, keep))
+    }
+
     /// Empties `seq` for a new prompt and shares into it the cached prefix
-    /// cells `prompt` starts with, up to `keep`; returns how many tokens the cache supplies.
-    fn share_prefix(&mut self, seq: usize, prompt: &[i32], tail: usize, keep: usize) -> usize {
+    /// cells `prompt` starts with; returns how many tokens the cache supplies.
+    fn share_prefix(&mut self, seq: usize, prompt: &[i32], tail: usize) -> usize {
         self.ctx.seq_rm(seq as i32, -1, -1);
-        let cached = self.prefix.as_ref().map_or(0, |p| p.shared_with(prompt, tail, keep));
+        let cached = self.cached_for(prompt, tail);
         if let (Some(p), true) = (&self.prefix, cached > 0) {
             self.ctx.seq_cp(p.seq as i32, seq as i32, 0, cached as i32);
         }
@@ -462,6 +535,15 @@ impl<'c, 'm> Engine<'c, 'm> {
             return Ok(());
         }
         self.batch.clear();
+        self.add_prompts(requests, admitted, group);
+        self.ctx.hook_mut().plan(&self.batch, &Reads::NONE)?;
+        self.ctx.decode(&mut self.batch).context("prompt decode failed")?;
+        Ok(())
+    }
+
+    /// Adds the uncached prompt tokens of the `group`'s requests to the batch,
+    /// the last of each with its logits; records where those are.
+    fn add_prompts(&mut self, requests: &[NewRequest], admitted: &mut [Admission], group: &[usize]) {
         for &k in group {
             let a = &mut admitted[k];
             let prompt = requests[a.index].prompt;
@@ -471,9 +553,6 @@ impl<'c, 'm> Engine<'c, 'm> {
             a.logits_row = (self.batch.len() - 1) as i32;
             self.stats.prompt_tokens += prompt.len() - a.cached;
         }
-        self.ctx.hook_mut().plan(&self.batch, &Reads::NONE)?;
-        self.ctx.decode(&mut self.batch).context("prompt decode failed")?;
-        Ok(())
     }
 
     /// Checks that the gate ran, fills the request's slot, reports it started
@@ -544,7 +623,7 @@ impl<'c, 'm> Engine<'c, 'm> {
             // Cached rows are unshifted, which is all a gate-only pass needs.
             let prompt = requests[a.index].prompt;
             let start = self.ctx.hook().request_start(prompt);
-            a.cached = self.share_prefix(a.seq, prompt, tail, self.first_read(start));
+            a.cached = self.share_prefix(a.seq, prompt, tail);
             self.ctx.hook_mut().begin_gate_only(a.seq, start)?;
         }
         self.ctx.hook_mut().set_shifter(Shifter::GateOnly);

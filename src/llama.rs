@@ -495,6 +495,7 @@ pub struct Context<'m, H: LayerHook> {
     n_seq_max: usize,
     kv_unified: bool,
     control_vector: bool,
+    decodes: usize,
     _model: PhantomData<&'m Model>,
 }
 
@@ -582,6 +583,7 @@ impl<'m, H: LayerHook> Context<'m, H> {
             n_seq_max: params.n_seq_max as usize,
             kv_unified: params.kv_unified,
             control_vector: false,
+            decodes: 0,
             _model: PhantomData,
         })
     }
@@ -620,6 +622,7 @@ impl<'m, H: LayerHook> Context<'m, H> {
         // SAFETY: the batch is valid for its n_tokens; the hook cell is only
         // touched by the callback on this thread during the call.
         let rc = unsafe { sys::llama_decode(self.raw.as_ptr(), batch.raw) };
+        self.decodes += 1;
         if let Some(why) = self.cell.get_mut().failure.take() {
             return Err(DecodeError::Hook(why));
         }
@@ -628,6 +631,11 @@ impl<'m, H: LayerHook> Context<'m, H> {
             1 => Err(DecodeError::NoKvSlot),
             code => Err(DecodeError::Failed(code)),
         }
+    }
+
+    /// `llama_decode` calls made so far.
+    pub fn decodes(&self) -> usize {
+        self.decodes
     }
 
     fn memory(&self) -> sys::llama_memory_t {

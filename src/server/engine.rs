@@ -128,7 +128,7 @@ pub fn run_engine<'m>(
         }
         moderate(&mut engine, metrics, moderations);
         let requests: Vec<NewRequest> = pending.iter().map(|(id, prompt, sampling)| NewRequest { id: *id, prompt, sampling }).collect();
-        let results = engine.admit_all(&requests, &mut |event| on_event(&mut live, metrics, event));
+        let results = engine.advance(&requests, &mut |event| on_event(&mut live, metrics, event))?;
         for ((id, _, _), result) in pending.iter().zip(results) {
             if let Err(e) = result {
                 // A request the guard could not gate is answered with an error, never unguarded.
@@ -138,10 +138,6 @@ pub fn run_engine<'m>(
                 }
             }
         }
-        if engine.is_idle() {
-            continue;
-        }
-        engine.step(&mut |event| on_event(&mut live, metrics, event))?;
         // Requests that hit a stop string, or whose client went away, end now.
         let ended: Vec<usize> = live.iter().filter(|(_, l)| l.stopped || l.replies.is_closed()).map(|(&id, _)| id).collect();
         for id in ended {
