@@ -2,7 +2,7 @@
 //! `llama_decode`, with the shared templated prefix decoded once.
 
 use anyhow::{bail, Result};
-use half::f16;
+use half::bf16;
 use indicatif::ProgressBar;
 use ndarray::{Array2, Array3};
 
@@ -63,9 +63,10 @@ pub struct CaptureHook {
     request_layers: Vec<usize>,
     request_plan: Vec<usize>,
     /// Half precision: every request token of every prompt adds up to most
-    /// of an extraction's memory, and f16 keeps far more precision than the
-    /// batch-to-batch rounding of the activations themselves.
-    request_acts: Vec<Vec<f16>>,
+    /// of an extraction's memory. bfloat16, not f16: some models' residual
+    /// streams (Gemma's) hold values past f16's range; its 0.4% steps are
+    /// finer than the batch-to-batch rounding of the activations themselves.
+    request_acts: Vec<Vec<bf16>>,
 }
 
 impl CaptureHook {
@@ -117,7 +118,7 @@ impl CaptureHook {
 
     /// The request tokens' rows captured since `begin`, `[token, n_embd]` for
     /// each request layer, prompts one after another.
-    pub fn take_request(&mut self) -> Vec<Array2<f16>> {
+    pub fn take_request(&mut self) -> Vec<Array2<bf16>> {
         self.request_plan.clear();
         let n_embd = self.n_embd;
         self.request_acts
@@ -149,7 +150,7 @@ impl LayerHook for CaptureHook {
             let (plan, store) = (&self.request_plan, &mut self.request_acts[k]);
             out.read(|data| {
                 for &row in plan {
-                    store.extend(data[row * n_embd..(row + 1) * n_embd].iter().map(|&x| f16::from_f32(x)));
+                    store.extend(data[row * n_embd..(row + 1) * n_embd].iter().map(|&x| bf16::from_f32(x)));
                 }
             });
         }
@@ -347,7 +348,7 @@ pub struct Captured {
     /// `[prompt * offsets.len() + i, layer, n_embd]`.
     pub acts: Array3<f32>,
     /// Per request layer, `[token, n_embd]`: each prompt's request tokens, prompt after prompt.
-    pub request: Vec<Array2<f16>>,
+    pub request: Vec<Array2<bf16>>,
     pub stats: DecodeStats,
 }
 

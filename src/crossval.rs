@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use half::f16;
+use half::bf16;
 use half::slice::HalfFloatSliceExt;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 
@@ -54,8 +54,8 @@ impl Part for Rows {
 /// wrapper's tokens before a harmful instruction, are not (tokens after it
 /// are left out: they may still carry it).
 pub struct RequestTokens<'a> {
-    /// `[token, n_embd]` of every example, consecutive (as captured, in half precision).
-    pub acts: ArrayView2<'a, f16>,
+    /// `[token, n_embd]` of every example, consecutive (as captured, in bfloat16).
+    pub acts: ArrayView2<'a, bf16>,
     /// Each example's rows in `acts`.
     pub rows: &'a [std::ops::Range<usize>],
     /// Each example's instruction, as rows of `acts`.
@@ -313,7 +313,7 @@ mod tests {
             instruction.push(start + 1..start + 3);
             harmful.push(h);
         }
-        let acts = Array2::from_shape_vec((360, 2), acts).unwrap().mapv(f16::from_f32);
+        let acts = Array2::from_shape_vec((360, 2), acts).unwrap().mapv(bf16::from_f32);
         let part = RequestTokens { acts: acts.view(), rows: &rows, instruction: &instruction };
         let fit = Fit::new(&part, &harmful, |_| true).unwrap();
         assert!(fit.direction[0] > 0.9, "{:?}", fit.direction);

@@ -64,6 +64,10 @@ pub fn logistic_direction(mut x: Array2<f32>, harmful: &[bool]) -> Option<Array1
     if x.nrows() != harmful.len() || !harmful.iter().any(|&h| h) || harmful.iter().all(|&h| h) {
         return None;
     }
+    // A non-finite value would make the line search backtrack forever.
+    if !x.iter().all(|v| v.is_finite()) {
+        return None;
+    }
     let mean = x.mean_axis(Axis(0))?;
     let sd = x.std_axis(Axis(0), 0.0).mapv(|s| s + 1e-3);
     x -= &mean;
@@ -105,6 +109,9 @@ mod tests {
         });
         let d = logistic_direction(x.clone(), &harmful).unwrap();
         assert!(d[0] > 0.9, "{d:?}");
-        assert!(logistic_direction(x, &vec![true; n]).is_none());
+        assert!(logistic_direction(x.clone(), &vec![true; n]).is_none());
+        let mut overflowed = x;
+        overflowed[[3, 1]] = f32::INFINITY;
+        assert!(logistic_direction(overflowed, &harmful).is_none(), "an infinite activation is no fit, not an endless line search");
     }
 }
