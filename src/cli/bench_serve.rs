@@ -276,7 +276,12 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
         if let Some(s) = &stock_report {
             println!(
                 "tokens/s against llama-server (median of {} rounds): {:.3} one at a time, {:.3} with {} clients; prompts of equal token count: {} of {}",
-                theirs.len(), s["tokens_per_second_ratio_one_at_a_time"], s["tokens_per_second_ratio_concurrent"], args.clients, s["same_prompt_tokens"], args.requests
+                theirs.len(),
+                number(&s["tokens_per_second_ratio_one_at_a_time"]),
+                number(&s["tokens_per_second_ratio_concurrent"]),
+                args.clients,
+                s["same_prompt_tokens"],
+                args.requests
             );
         }
     }
@@ -306,4 +311,9 @@ mod tests {
         // Past the end of a list the prompts come round again.
         assert_eq!(pass_prompts(&list("b", 3), &list("h", 1), 8, 1)[0], ["b0", "b1", "b2", "h0", "b0", "b1", "b2", "h0"]);
     }
+}
+
+/// A number from the JSON report (a JSON number's display ignores `{:.3}`).
+fn number(value: &serde_json::Value) -> f64 {
+    value.as_f64().unwrap_or(f64::NAN)
 }
