@@ -293,6 +293,11 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
     Ok(())
 }
 
+/// A number from the JSON report (a JSON number's display ignores `{:.3}`).
+fn number(value: &serde_json::Value) -> f64 {
+    value.as_f64().unwrap_or(f64::NAN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::pass_prompts;
@@ -311,9 +316,4 @@ mod tests {
         // Past the end of a list the prompts come round again.
         assert_eq!(pass_prompts(&list("b", 3), &list("h", 1), 8, 1)[0], ["b0", "b1", "b2", "h0", "b0", "b1", "b2", "h0"]);
     }
-}
-
-/// A number from the JSON report (a JSON number's display ignores `{:.3}`).
-fn number(value: &serde_json::Value) -> f64 {
-    value.as_f64().unwrap_or(f64::NAN)
 }
