@@ -333,16 +333,22 @@ impl<'c, 'm> Engine<'c, 'm> {
     pub fn admit_all(&mut self, requests: &[NewRequest], on_event: &mut impl FnMut(Event)) -> Vec<Result<()>> {
         let started = Instant::now();
         let (mut admitted, mut results) = self.allocate(requests);
-        if let Err(e) = self.prefill_all(requests, &mut admitted, &mut results, on_event) {
+        let prefilled = self.prefill_all(requests, &mut admitted, &mut results, on_event);
+        self.fail_unstarted(&admitted, &mut results, prefilled);
+        self.stats.prefill_seconds += started.elapsed().as_secs_f64();
+        results
+    }
+
+    /// After an error, every admitted request that has not started fails with it.
+    fn fail_unstarted(&self, admitted: &[Admission], results: &mut [Result<()>], outcome: Result<()>) {
+        if let Err(e) = outcome {
             let why = format!("{e:#}");
-            for a in &admitted {
+            for a in admitted {
                 if results[a.index].is_ok() && self.slots[a.seq].is_none() {
                     results[a.index] = Err(anyhow!("{why}"));
                 }
             }
         }
-        self.stats.prefill_seconds += started.elapsed().as_secs_f64();
-        results
     }
 
     /// A free sequence for each request that fits, or why not; one result per request.
@@ -408,7 +414,8 @@ impl<'c, 'm> Engine<'c, 'm> {
             let a = &admitted[k];
             results[a.index] = self.start(&requests[a.index], a.seq, 1, a.logits_row, on_event);
         }
-        self.redecode_shifted(requests, &admitted, &again, &mut results, on_event)?;
+        let redecoded = self.redecode_shifted(requests, &admitted, &again, &mut results, on_event);
+        self.fail_unstarted(&admitted, &mut results, redecoded);
         self.stats.decode_seconds += started.elapsed().as_secs_f64();
         Ok(results)
     }
