@@ -389,26 +389,19 @@ impl<'c, 'm> Engine<'c, 'm> {
         let started = Instant::now();
         let (mut admitted, mut results) = self.allocate(requests);
         self.use_control_vector(false)?;
-        self.begin_all(requests, &mut admitted, tail)?;
+        self.begin_all(requests, &mut admitted, tail, SteerHook::begin_request)?;
         let longest = admitted.iter().map(|a| requests[a.index].prompt.len() - a.cached).max().unwrap_or(0);
         // The hook shifts the live flagged requests' rows; a new request is
         // undecided before its gate layer, so steered layers before it leave
         // its rows as a gate-only pass would, and it is decoded again if flagged.
         let shifter = self.ctx.hook().prompt_shifter(longest, self.batch.capacity());
         self.batch.clear();
-        for &seq in &live {
-            let slot = self.slots[seq].as_mut().expect("live");
-            slot.logits_row = self.batch.len() as i32;
-            self.batch.add(*slot.tokens.last().expect("a live slot has sampled a token"), (slot.prompt_len + slot.tokens.len() - 1) as i32, seq as i32, true);
-        }
+        self.add_next_tokens(&live);
         let all: Vec<usize> = (0..admitted.len()).collect();
         self.add_prompts(requests, &mut admitted, &all);
         self.ctx.hook_mut().plan(&self.batch, &Reads::NONE)?;
         self.ctx.decode(&mut self.batch).context("decode failed")?;
-        for &seq in &live {
-            let sampled = self.sample(seq, on_event)?;
-            self.stats.generated_tokens += sampled as usize;
-        }
+        self.sample_all(&live, on_event)?;
         let again: Vec<usize> = all.iter().copied().filter(|&k| self.ctx.hook().decode_again(admitted[k].seq, shifter, admitted[k].cached)).collect();
         for &k in all.iter().filter(|k| !again.contains(k)) {
             let a = &admitted[k];
@@ -426,7 +419,7 @@ impl<'c, 'm> Engine<'c, 'm> {
         // The prompt pass gates first, so the hook must hold the shift.
         self.use_control_vector(false)?;
         let tail = self.gate_tail();
-        self.begin_all(requests, admitted, tail)?;
+        self.begin_all(requests, admitted, tail, SteerHook::begin_request)?;
         let capacity = self.batch.capacity();
         for group in self.groups(requests, admitted) {
             let longest = group.iter().map(|&k| requests[admitted[k].index].prompt.len() - admitted[k].cached).max().unwrap_or(0);
@@ -502,13 +495,14 @@ impl<'c, 'm> Engine<'c, 'm> {
         if self.ctx.hook().gate().is_some_and(Gate::reads_request) { start } else { usize::MAX }
     }
 
-    /// Gives each admitted request its cached prefix cells and tells the hook where its request starts.
-    fn begin_all(&mut self, requests: &[NewRequest], admitted: &mut [Admission], tail: usize) -> Result<()> {
+    /// Gives each admitted request its cached prefix cells and tells the hook
+    /// (with `begin`: as a request, or gate-only) where its request starts.
+    fn begin_all(&mut self, requests: &[NewRequest], admitted: &mut [Admission], tail: usize, begin: fn(&mut SteerHook, usize, usize) -> Result<()>) -> Result<()> {
         for a in admitted.iter_mut() {
             let prompt = requests[a.index].prompt;
             let start = self.ctx.hook().request_start(prompt);
             a.cached = self.share_prefix(a.seq, prompt, tail);
-            self.ctx.hook_mut().begin_request(a.seq, start)?;
+            begin(self.ctx.hook_mut(), a.seq, start)?;
         }
         Ok(())
     }
@@ -626,13 +620,8 @@ impl<'c, 'm> Engine<'c, 'm> {
         }
         self.use_control_vector(false)?;
         let tail = self.gate_tail();
-        for a in admitted.iter_mut() {
-            // Cached rows are unshifted, which is all a gate-only pass needs.
-            let prompt = requests[a.index].prompt;
-            let start = self.ctx.hook().request_start(prompt);
-            a.cached = self.share_prefix(a.seq, prompt, tail);
-            self.ctx.hook_mut().begin_gate_only(a.seq, start)?;
-        }
+        // Cached rows are unshifted, which is all a gate-only pass needs.
+        self.begin_all(requests, admitted, tail, SteerHook::begin_gate_only)?;
         self.ctx.hook_mut().set_shifter(Shifter::GateOnly);
         // Nothing past the gate layer is used: not the logits, not the deeper
         // cache (the sequences are removed right after).
@@ -673,20 +662,31 @@ impl<'c, 'm> Engine<'c, 'm> {
             let hand_off = self.ctx.hook().hands_off(run, self.ctx.has_control_vector(), left);
             self.use_control_vector(hand_off)?;
             self.batch.clear();
-            for &seq in run {
-                let slot = self.slots[seq].as_mut().expect("live");
-                let last = *slot.tokens.last().expect("a live slot has sampled a token");
-                slot.logits_row = self.batch.len() as i32;
-                self.batch.add(last, (slot.prompt_len + slot.tokens.len() - 1) as i32, seq as i32, true);
-            }
+            self.add_next_tokens(run);
             self.ctx.hook_mut().plan(&self.batch, &Reads::NONE)?;
             self.ctx.decode(&mut self.batch).context("decode failed")?;
-            for &seq in run {
-                let sampled = self.sample(seq, on_event)?;
-                self.stats.generated_tokens += sampled as usize;
-            }
+            self.sample_all(run, on_event)?;
         }
         self.stats.decode_seconds += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Adds each live request's last sampled token to the batch, with its logits.
+    fn add_next_tokens(&mut self, seqs: &[usize]) {
+        for &seq in seqs {
+            let slot = self.slots[seq].as_mut().expect("live");
+            let last = *slot.tokens.last().expect("a live slot has sampled a token");
+            slot.logits_row = self.batch.len() as i32;
+            self.batch.add(last, (slot.prompt_len + slot.tokens.len() - 1) as i32, seq as i32, true);
+        }
+    }
+
+    /// Samples the next token of each live request from the last decode.
+    fn sample_all(&mut self, seqs: &[usize], on_event: &mut impl FnMut(Event)) -> Result<()> {
+        for &seq in seqs {
+            let sampled = self.sample(seq, on_event)?;
+            self.stats.generated_tokens += sampled as usize;
+        }
         Ok(())
     }
 
