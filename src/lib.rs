@@ -11,6 +11,7 @@
 //! - [`steer`] is the hook where the gate decides and the shift happens,
 //! - [`generate`] batches requests (continuous batching), [`server`] serves them over HTTP,
 //! - [`drift`] measures how far a fine-tune moved from its aligned parent,
+//! - [`finetune`] trains LoRA adapters (plain or Vaccine) for the fine-tuning lab,
 //! - [`vectors`] reads and writes llama.cpp control-vector GGUF files,
 //! - [`llama`] is the only place that calls llama.cpp unsafely.
 
@@ -22,6 +23,7 @@ pub mod drift;
 pub mod embedded;
 pub mod eval;
 pub mod extract;
+pub mod finetune;
 pub mod gate;
 pub mod generate;
 pub mod guard;

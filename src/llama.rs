@@ -913,10 +913,14 @@ impl GgufFile {
         // SAFETY: no_alloc = false loaded the data; rows are contiguous, nb[1] bytes apart.
         unsafe {
             let traits = &*sys::ggml_get_type_traits(tensor.type_);
-            let to_float = traits.to_float.with_context(|| format!("tensor {name} has a type ggml cannot dequantize"))?;
             for r in 0..rows {
-                let src = (tensor.data as *const u8).add(r * tensor.nb[1]) as *const c_void;
-                to_float(src, out.as_mut_ptr().add(r * row_len), row_len as i64);
+                let src = (tensor.data as *const u8).add(r * tensor.nb[1]);
+                let dst = out.as_mut_ptr().add(r * row_len);
+                match traits.to_float {
+                    Some(to_float) => to_float(src as *const c_void, dst, row_len as i64),
+                    None if tensor.type_ == sys::GGML_TYPE_F32 => std::ptr::copy_nonoverlapping(src as *const f32, dst, row_len),
+                    None => bail!("tensor {name} has a type ggml cannot dequantize"),
+                }
             }
         }
         Ok((out, shape))

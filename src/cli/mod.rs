@@ -8,6 +8,7 @@ mod classify;
 mod drift;
 mod eval;
 mod extract;
+mod finetune;
 mod generate;
 mod inspect;
 mod judge_check;
@@ -56,6 +57,8 @@ enum Command {
     /// Harmful embedding drift: how far a fine-tune's hidden states moved from its aligned parent's, per layer
     #[command(mut_arg("model", |a| a.long("target").value_name("TARGET").help("The target GGUF: a fine-tune of the aligned model, or the aligned model itself with --lora")))]
     Drift(drift::DriftArgs),
+    /// Train a LoRA adapter on chat pairs (plainly or with Vaccine alignment), written as llama.cpp's LoRA GGUF
+    Finetune(finetune::FinetuneArgs),
     /// Measure speed against plain llama.cpp work on the same model, in one run
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -74,6 +77,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Calibrate(args) => calibrate::run(args),
         Command::Drift(args) => drift::run(args),
+        Command::Finetune(args) => finetune::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }
