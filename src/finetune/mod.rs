@@ -4,6 +4,7 @@
 //! model is rebuilt in candle from the GGUF's dequantized weights
 //! ([`model`]); the adapter is written as llama.cpp's LoRA GGUF ([`lora`]).
 
+mod frozen;
 pub mod lora;
 pub mod model;
 pub mod vaccine;

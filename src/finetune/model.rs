@@ -7,6 +7,7 @@
 use anyhow::{bail, ensure, Context as _, Result};
 use candle_core::{Device, Tensor, D};
 
+use super::frozen::matmul_t;
 use super::lora::Lora;
 use crate::llama::{GgufFile, GgufValue};
 
@@ -69,7 +70,7 @@ pub struct Projection {
 
 impl Projection {
     fn forward(&self, x: &Tensor, lora: Option<&Lora>) -> Result<Tensor> {
-        let mut y = x.matmul(&self.weight.t()?)?;
+        let mut y = matmul_t(x, &self.weight)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -190,7 +191,7 @@ impl Transformer {
     fn logits_at(&self, hidden: &Tensor, positions: &[u32]) -> Result<Tensor> {
         let idx = Tensor::new(positions, &self.device)?;
         let h = rms_norm(&hidden.index_select(&idx, 0)?, &self.out_norm, self.cfg.eps)?;
-        Ok(h.matmul(&self.output.t()?)?)
+        matmul_t(&h, &self.output)
     }
 
     /// Logits for every position of one token row, (len, n_vocab).
