@@ -280,3 +280,19 @@ fn a_closed_pipe_ends_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn finetune_rejects_bad_pairs_and_other_architectures_and_writes_nothing() {
+    let dir = common::tempdir();
+    let out = dir.path().join("adapter.gguf");
+    let out_arg = out.to_str().unwrap();
+    let qwen = common::model(common::QWEN);
+    let gemma = common::model(common::GEMMA);
+    let bad = common::write_lines(dir.path(), "bad.jsonl", &[r#"{"prompt": "Say hi"}"#.into()]);
+    let good = common::write_lines(dir.path(), "good.jsonl", &[r#"{"prompt": "Say hi", "answer": "Hi!"}"#.into()]);
+    let (qwen, gemma, bad, good) = (qwen.to_str().unwrap(), gemma.to_str().unwrap(), bad.to_str().unwrap(), good.to_str().unwrap());
+    common::cli_err(&["finetune", "-m", qwen, "--data", bad, "-o", out_arg], "line 1: expected a JSON object with string fields");
+    common::cli_err(&["finetune", "-m", gemma, "--data", good, "-o", out_arg], "finetune supports qwen2 models; this one is gemma3");
+    common::cli_err(&["finetune", "-m", qwen, "--data", good, "--max-tokens", "8", "-o", out_arg], "leaving no room for its answer");
+    assert!(!out.exists(), "a failed finetune left {}", out.display());
+}

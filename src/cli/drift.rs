@@ -22,6 +22,9 @@ pub struct DriftArgs {
     /// The aligned parent model (GGUF)
     #[arg(long)]
     aligned: PathBuf,
+    /// LoRA adapter applied to the aligned model (an alignment adapter, say); repeatable
+    #[arg(long)]
+    aligned_lora: Vec<PathBuf>,
     /// The target: a fine-tune of the aligned model, or the aligned model with --lora
     #[command(flatten)]
     target: ModelArgs,
@@ -58,7 +61,10 @@ fn check_compatible(aligned: &Model, target: &Model) -> Result<()> {
 pub fn run(args: DriftArgs) -> Result<()> {
     let prompts = read_prompts(&args.prompts)?;
     let target = args.target.load()?;
-    let aligned = Model::load_with(&args.aligned, LoadOptions { n_gpu_layers: args.target.n_gpu_layers, weight_repack: args.target.weight_repack })?;
+    let mut aligned = Model::load_with(&args.aligned, LoadOptions { n_gpu_layers: args.target.n_gpu_layers, weight_repack: args.target.weight_repack })?;
+    for path in &args.aligned_lora {
+        aligned.add_lora(path, 1.0)?;
+    }
     check_compatible(&aligned, &target)?;
     let vectors_path = match &args.vectors {
         Some(path) => path.clone(),

@@ -72,14 +72,11 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         bail!("--lr 0 would not train; give a positive learning rate such as 5e-4");
     }
     let pairs = read_pairs(&args.data)?;
+    let mut model = Transformer::load(&GgufFile::open(&args.model)?, &best_device()?)?;
     let tokenizer = Model::load(&args.model, 0)?;
     let template = Template::resolve(&tokenizer, args.template.as_deref(), args.system_prompt.clone())?;
     let examples = examples(&tokenizer, &template, &pairs, args.max_tokens as usize)?;
     drop(tokenizer);
-    let gguf = GgufFile::open(&args.model)?;
-    let device = best_device()?;
-    let mut model = Transformer::load(&gguf, &device)?;
-    drop(gguf);
     for path in &args.lora {
         model.merge(&Lora::read(path, &model)?)?;
     }

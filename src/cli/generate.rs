@@ -106,6 +106,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 "gate": generation.gate,
                 "steered": generation.steered,
                 "output": generation.output,
+                "verdict": inferalign::judge::judge(&generation.output),
                 "n_tokens": generation.tokens.len(),
             });
             println!("{line}");
