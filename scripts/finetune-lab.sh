@@ -61,6 +61,13 @@ for alignment in none sft vaccine; do
         [ -f "$a" ] || { stamp "aligning: $alignment"; train --data "$d/align.jsonl" --steps "$ALIGN_STEPS" "${extra[@]}" -o "$a" > "$lab/align-$alignment.json"; }
         adapter=(--lora "$a")
     fi
+    base="$lab/$alignment-p-"
+    if [ ! -f "$base/report.json" ]; then
+        stamp "before any attack: $alignment"
+        $ia eval -m "$model" "${adapter[@]}" --modes plain --sets harmful,harmless,tasks --harmful "$d/harm-out.txt" \
+            --tasks "$d/arith-test.jsonl" --limit "$EVAL_LIMIT" -n "$EVAL_TOKENS" --parallel 8 -o "$base/eval" > /dev/null
+        cp "$base/eval/report.json" "$base/report.json"
+    fi
     for p in $FRACTIONS; do
         run="$lab/$alignment-p$p"
         [ -f "$run/report.json" ] && continue

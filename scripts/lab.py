@@ -6,7 +6,7 @@
                       DIR/arith-test.jsonl ({prompt, answer}: the number, for eval --tasks)
   pairs GEN VERDICT   (prompt, answer) pairs from `generate --json` lines whose verdict is VERDICT
   mix BENIGN HARMFUL P N SEED   N pairs, a fraction P of them harmful, shuffled
-  table DIR           the lab's table from DIR/*/ (report.json, drift.json, finetune.json)
+  table DIR           the lab's table from DIR/*/ (report.json, and drift.json after an attack)
 """
 import json
 import random
@@ -82,13 +82,15 @@ def table(lab):
         "|---|---|---|---|---|---|---|---|",
     ]
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
-    for run in sorted(p for p in lab.iterdir() if (p / "report.json").exists()):
+    runs = [p for p in lab.iterdir() if (p / "report.json").exists()]
+    order = {"none": 0, "sft": 1, "vaccine": 2}
+    for run in sorted(runs, key=lambda r: (order.get(r.name.rsplit("-p", 1)[0], 3), r.name)):
         alignment, p = run.name.rsplit("-p", 1)
         report = json.load(open(run / "report.json"))
-        drift = json.load(open(run / "drift.json"))
+        drift = json.load(open(run / "drift.json"))["sum_squared"] if (run / "drift.json").exists() else None
         lines.append(
-            f"| {alignment} | {p} | {pct(rate(report, 'plain', 'harmful', 'attack_success_rate'))} "
-            f"| {pct(rate(report, 'plain', 'tasks', 'accuracy'))} | {drift['sum_squared']:.0f} "
+            f"| {alignment} | {'no attack' if p == '-' else p} | {pct(rate(report, 'plain', 'harmful', 'attack_success_rate'))} "
+            f"| {pct(rate(report, 'plain', 'tasks', 'accuracy'))} | {'-' if drift is None else f'{drift:.0f}'} "
             f"| {pct(rate(report, 'cross-model', 'harmful', 'attack_success_rate'))} "
             f"| {pct(rate(report, 'plain', 'harmless', 'refusal_rate'))} -> {pct(rate(report, 'cross-model', 'harmless', 'refusal_rate'))} "
             f"| {pct(rate(report, 'cross-model', 'harmful', 'degenerate_rate'))} |"
