@@ -77,3 +77,27 @@ fn trainer_matches_llama_cpp_and_llama_cpp_loads_its_adapter() {
     assert!(shift > 4.0 * worst, "the adapter barely changes the logits ({shift}), so this comparison proves nothing");
     assert!(agree >= 0.9 && worst < 0.05, "llama.cpp with the adapter disagrees with the trainer: agree {agree}, worst {worst}");
 }
+
+#[test]
+fn the_cli_trains_from_an_adapter_with_vaccine_and_generate_loads_both() {
+    let dir = common::tempdir();
+    let lines: Vec<String> = pairs().iter().map(|(p, a)| serde_json::json!({"prompt": p, "answer": a}).to_string()).collect();
+    let data = common::write_lines(dir.path(), "pairs.jsonl", &lines);
+    let (first, second) = (dir.path().join("first.gguf"), dir.path().join("second.gguf"));
+    let model = common::model(common::QWEN);
+    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let (first, second) = (first.to_str().unwrap(), second.to_str().unwrap());
+    let train = |extra: &[&str], out: &str| -> serde_json::Value {
+        let mut args = vec!["finetune", "-m", model, "--data", data, "--steps", "2", "--batch-size", "2", "--lora-rank", "2", "--json", "-o", out];
+        args.extend_from_slice(extra);
+        serde_json::from_str(common::cli_ok(&args).trim()).unwrap()
+    };
+    let plain = train(&[], first);
+    assert_eq!(plain["losses"].as_array().unwrap().len(), 2);
+    assert!(plain["tokens_per_second"].as_f64().unwrap() > 0.0);
+    let vaccine = train(&["--lora", first, "--vaccine", "1"], second);
+    assert_eq!(vaccine["vaccine_rho"].as_f64(), Some(1.0));
+    let out = common::cli_ok(&["generate", "-m", model, "--lora", first, "--lora", second, "--mode", "plain", "-p", "Say hello.", "-n", "4", "--json"]);
+    let answer: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(answer["n_tokens"].as_u64().unwrap() > 0);
+}
