@@ -50,7 +50,7 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Vaccine alignment with perturbation radius RHO: each step trains against
-    /// the layer-output perturbation that raises the loss most (Vaccine paper: 2 to 10)
+    /// the layer-output perturbation that raises the loss most (the lab uses 2)
     #[arg(long, value_name = "RHO", value_parser = non_negative)]
     vaccine: Option<f32>,
     /// Chat template: a llama.cpp built-in name or `raw`; default: the model's own
