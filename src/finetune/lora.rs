@@ -96,6 +96,7 @@ impl Lora {
             if a_shape[0] != n_in || b_shape[0] != r || b_shape.get(1).copied().unwrap_or(1) != n_out {
                 bail!("{}: {} has shapes {a_shape:?} and {b_shape:?}, not [{n_in}, r] and [r, {n_out}]: made for another model", path.display(), p.name);
             }
+            ensure!(rank == 0 || rank == r, "{} mixes LoRA ranks ({rank} and {r}); the trainer reads adapters of one rank", path.display());
             rank = r;
             let a = Var::from_tensor(&Tensor::from_vec(a, (r, n_in), model.device())?)?;
             let b = Var::from_tensor(&Tensor::from_vec(b, (n_out, r), model.device())?)?;

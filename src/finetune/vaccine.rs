@@ -17,7 +17,15 @@ pub fn layer_gradients(model: &Transformer, batch: &Batch, lora: Option<&Lora>) 
     let probes = (0..model.cfg.n_layer).map(|_| Var::zeros(shape, DType::F32, model.device())).collect::<candle_core::Result<Vec<_>>>()?;
     let tensors: Vec<Tensor> = probes.iter().map(|v| v.as_tensor().clone()).collect();
     let grads = model.loss(batch, lora, Some(&tensors))?.backward()?;
-    probes.iter().map(|p| Ok(grads.get(p).cloned().map_or_else(|| p.zeros_like(), Ok)?)).collect()
+    let mut out = Vec::with_capacity(probes.len());
+    for probe in &probes {
+        // A layer the loss does not depend on has no gradient entry: zero.
+        out.push(match grads.get(probe) {
+            Some(g) => g.clone(),
+            None => probe.zeros_like()?,
+        });
+    }
+    Ok(out)
 }
 
 /// `rho * g_l / ||g||`, the norm taken over all layers together.
