@@ -115,30 +115,6 @@ pub fn read_jailbreaks(path: &Path) -> Result<Vec<(String, String)>> {
     Ok(templates)
 }
 
-/// Tasks: JSONL with `prompt` and `answer`.
-pub fn read_tasks(path: &Path) -> Result<Vec<(String, String)>> {
-    #[derive(Deserialize)]
-    struct Line {
-        prompt: String,
-        answer: String,
-    }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let tasks: Vec<(String, String)> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, line)| {
-            serde_json::from_str::<Line>(line)
-                .map(|l| (l.prompt, l.answer))
-                .with_context(|| format!("{} line {}: want {{prompt, answer}}", path.display(), i + 1))
-        })
-        .collect::<Result<_>>()?;
-    if tasks.is_empty() {
-        bail!("{} holds no tasks", path.display());
-    }
-    Ok(tasks)
-}
-
 /// The first `limit` prompts of a set, numbered.
 pub fn items(set: Set, prompts: &[String], limit: usize) -> Vec<Item> {
     prompts.iter().take(limit).enumerate().map(|(index, p)| Item { set, index, prompt: p.clone(), answer: None, family: None }).collect()

@@ -3,10 +3,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use serde::Deserialize;
 
 use crate::llama::Model;
 
@@ -283,4 +284,25 @@ mod tests {
         assert_eq!(request_start(&[1, 2, 3], &header), 0, "no header: the whole prompt");
         assert_eq!(request_start(&[1, 2, 3], &[]), 0);
     }
+}
+
+#[derive(Deserialize)]
+struct Pair {
+    prompt: String,
+    answer: String,
+}
+
+/// (prompt, answer) pairs from JSONL, one `{"prompt": ..., "answer": ...}` per line
+/// (other fields ignored): fine-tuning data and utility tasks.
+pub fn read_pairs(path: &Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut pairs = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let pair: Pair = serde_json::from_str(line).with_context(|| {
+            format!("{} line {}: expected a JSON object with string fields \"prompt\" and \"answer\"", path.display(), i + 1)
+        })?;
+        pairs.push((pair.prompt, pair.answer));
+    }
+    ensure!(!pairs.is_empty(), "{} holds no (prompt, answer) pairs", path.display());
+    Ok(pairs)
 }

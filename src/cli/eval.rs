@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use serde_json::json;
 
-use inferalign::eval::{self, held_out, jailbreak_items, read_jailbreaks, read_tasks, summarise, task_items, Outcome, Set};
+use inferalign::eval::{self, held_out, jailbreak_items, read_jailbreaks, summarise, task_items, Outcome, Set};
 use inferalign::extract::model_identity;
 use inferalign::generate::{self, Event};
 use inferalign::guard::Guard;
@@ -123,7 +123,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let templates = read_jailbreaks(&jailbreak_path)?;
     items.extend(jailbreak_items(&harmful, &templates, limit));
     let tasks_path = or_carried(&args.tasks, "tasks.jsonl")?;
-    items.extend(task_items(read_tasks(&tasks_path)?, limit));
+    items.extend(task_items(inferalign::prompts::read_pairs(&tasks_path)?, limit));
     items.retain(|item| args.sets.contains(&item.set));
     eprintln!(
         "sets: {} harmful (skipped {skipped_harmful} training prompts), {} harmless (skipped {skipped_harmless}), {} jailbreaks, {} tasks",

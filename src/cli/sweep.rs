@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
 
-use inferalign::eval::{self, figures, held_out, read_tasks, task_items, Item, Outcome, Set, SetFigures};
+use inferalign::eval::{self, figures, held_out, task_items, Item, Outcome, Set, SetFigures};
 use inferalign::generate::{self, Event};
 use inferalign::guard::Guard;
 use inferalign::llama::{Context, Model};
@@ -118,7 +118,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
     let harmless_path = or_carried(&args.harmless, "harmless.txt")?;
     let (harmful, _) = held_out(&harmful_path, cal.map(|c| (&c.data.harmful, c.data.seed)))?;
     let (harmless, _) = held_out(&harmless_path, cal.map(|c| (&c.data.harmless, c.data.seed)))?;
-    let tasks = read_tasks(&or_carried(&args.tasks, "tasks.jsonl")?)?;
+    let tasks = inferalign::prompts::read_pairs(&or_carried(&args.tasks, "tasks.jsonl")?)?;
     let mut items = eval::items(Set::Harmful, &harmful, args.limit);
     items.extend(eval::items(Set::Harmless, &harmless, args.limit));
     items.extend(task_items(tasks, args.limit));

@@ -9,16 +9,14 @@ pub mod lora;
 pub mod model;
 pub mod vaccine;
 
-use std::path::Path;
-
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{bail, ensure, Result};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde::Deserialize;
 
 use crate::llama::Model;
 use crate::prompts::{tokenize, Template};
+pub use crate::prompts::read_pairs;
 use lora::Lora;
 use model::{Batch, Transformer};
 
@@ -39,26 +37,6 @@ pub fn best_device() -> Result<candle_core::Device> {
 pub struct Example {
     pub tokens: Vec<u32>,
     pub answer_start: usize,
-}
-
-#[derive(Deserialize)]
-struct Pair {
-    prompt: String,
-    answer: String,
-}
-
-/// (prompt, answer) pairs from JSONL, one `{"prompt": ..., "answer": ...}` per line.
-pub fn read_pairs(path: &Path) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read training data {}", path.display()))?;
-    let mut pairs = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let pair: Pair = serde_json::from_str(line).with_context(|| {
-            format!("{} line {}: expected a JSON object with string fields \"prompt\" and \"answer\"", path.display(), i + 1)
-        })?;
-        pairs.push((pair.prompt, pair.answer));
-    }
-    ensure!(!pairs.is_empty(), "{} holds no (prompt, answer) pairs", path.display());
-    Ok(pairs)
 }
 
 /// Templates and tokenizes pairs: the prompt as a user turn with the
