@@ -162,7 +162,7 @@ pub fn extract(
         }
     };
     let keys: Vec<PartKey> = row_layers.iter().map(|&l| PartKey::Rows(l)).chain(request_layers.iter().map(|&l| PartKey::Request(l))).collect();
-    progress.set_message("validate");
+    progress.set_prefix("validate");
     let out_of_fold: BTreeMap<PartKey, Vec<f32>> = keys.iter().map(|&k| (k, crossval::out_of_fold(&*part(k), &labels))).collect();
 
     // Candidates: every part alone, and every last-token part with every request part.

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use inferalign::finetune::lora::Lora;
 use inferalign::finetune::model::{Transformer, ARCHITECTURE};
@@ -90,15 +89,13 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         vaccine: args.vaccine,
     };
     eprintln!("{} pairs, {} steps of {}, LoRA rank {} on {} projections{}", examples.len(), opts.steps, opts.batch_size, opts.rank, model.projections().count(), args.vaccine.map_or(String::new(), |r| format!(", Vaccine rho {r}")));
-    let bar = ProgressBar::new(opts.steps as u64);
-    bar.set_style(ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} steps, {msg}, {elapsed} (eta {eta})").expect("valid template").progress_chars("=> "));
-    bar.set_prefix("finetune");
+    let bar = super::progress_of(opts.steps as u64, "finetune", "steps");
     let start = Instant::now();
     let (mut tokens, mut losses) = (0usize, Vec::new());
     let lora = train(&model, &examples, &opts, |step| {
         tokens += step.tokens;
         losses.push(step.loss);
-        bar.set_message(format!("loss {:.3}, {:.0} tok/s", step.loss, tokens as f64 / start.elapsed().as_secs_f64()));
+        bar.set_message(format!(", loss {:.3}, {:.0} tok/s", step.loss, tokens as f64 / start.elapsed().as_secs_f64()));
         bar.inc(1);
     })?;
     bar.finish_and_clear();

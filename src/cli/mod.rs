@@ -184,14 +184,16 @@ pub fn non_negative(text: &str) -> std::result::Result<f32, String> {
     }
 }
 
-/// A progress bar on stderr (hidden when stderr is not a terminal).
+/// A progress bar over prompts on stderr (hidden when stderr is not a terminal).
 pub fn progress(len: u64, what: &str) -> ProgressBar {
+    progress_of(len, what, "prompts")
+}
+
+/// A progress bar over `unit`s labelled `what`; its message, when set, follows the count.
+pub fn progress_of(len: u64, what: &str, unit: &str) -> ProgressBar {
+    let template = format!("{{prefix:>10}} [{{bar:30}}] {{pos}}/{{len}} {unit}{{msg}}, {{elapsed}} (eta {{eta}})");
     let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} prompts, {elapsed} (eta {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_message(what.to_string());
+    bar.set_style(ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> "));
+    bar.set_prefix(what.to_string());
     bar
 }
