@@ -117,6 +117,9 @@ struct Slot {
     sampler: Option<LlamaSampler>,
     greedy: bool,
     ignore_eos: bool,
+    /// Its first token may not end it: the shift can make end of turn the
+    /// likeliest first token, and an empty reply tells the user nothing.
+    steered: bool,
     /// Row of this sequence's logits in the last batch.
     logits_row: i32,
     budget: usize,
@@ -563,12 +566,12 @@ impl<'c, 'm> Engine<'c, 'm> {
             self.ctx.seq_rm(seq as i32, -1, -1);
             return Err(e);
         }
-        if request.sampling.ignore_eos && self.eog.is_none() {
+        let steered = self.ctx.hook().is_steered(seq);
+        if (request.sampling.ignore_eos || steered) && self.eog.is_none() {
             let vocab = self.model.llama().vocab();
             self.eog = Some((0..self.model.n_vocab()).filter(|&id| vocab.is_eog(LlamaToken(id as i32))).collect());
         }
         let hook = self.ctx.hook();
-        let steered = hook.is_steered(seq);
         on_event(Event::Started { request: request.id, gate: hook.decision(seq), steered });
         self.slots[seq] = Some(Slot {
             id: request.id,
@@ -580,6 +583,7 @@ impl<'c, 'm> Engine<'c, 'm> {
             sampler: request.sampling.sampler(steered, |multiplier| self.dry.get(self.model, multiplier)),
             greedy: request.sampling.temperature <= 0.0,
             ignore_eos: request.sampling.ignore_eos,
+            steered,
             logits_row,
             budget: request.sampling.max_tokens.min(self.room - request.prompt.len()),
         });
@@ -752,7 +756,7 @@ impl<'c, 'm> Engine<'c, 'm> {
     fn sample(&mut self, seq: usize, on_event: &mut impl FnMut(Event)) -> Result<bool> {
         let vocab = self.model.llama().vocab();
         let slot = self.slots[seq].as_mut().expect("sampling a live slot");
-        if let (Some(eog), true) = (&self.eog, slot.ignore_eos) {
+        if let (Some(eog), true) = (&self.eog, slot.ignore_eos || (slot.steered && slot.tokens.is_empty())) {
             let logits = self.ctx.logits_mut(slot.logits_row);
             eog.iter().for_each(|&id| logits[id] = f32::NEG_INFINITY);
         }

@@ -143,6 +143,18 @@ fn a_steered_request_leaves_nothing_behind_for_the_next() {
 }
 
 #[test]
+fn a_steered_answer_never_ends_before_its_first_token() {
+    // Alpha 4 on five layers makes end of turn the likeliest first token: an empty reply.
+    let setup = setup(common::QWEN);
+    let harmful: Vec<String> = read_prompts(&common::advbench()).unwrap().into_iter().skip(100).take(3).collect();
+    let sampling = Sampling { max_tokens: 4, ..Sampling::default() };
+    let hook = setup.hook(Mode::Always, None, 4.0, &[10, 11, 12, 13, 14]);
+    for (prompt, g) in harmful.iter().zip(setup.generate(hook, &ContextParams::default(), false, &setup.tokens(&harmful), &sampling)) {
+        assert!(g.steered && !g.tokens.is_empty(), "the steered answer to {prompt:?} is empty");
+    }
+}
+
+#[test]
 fn open_gate_adds_exactly_alpha_theta() {
     let setup = setup(common::QWEN);
     let tokens = setup.tokens(&harmless_probes(1));
@@ -177,8 +189,9 @@ fn our_shift_matches_llama_control_vectors(name: &str, layers: &[usize]) {
     let setup = setup(name);
     let harmful: Vec<String> = read_prompts(&common::advbench()).unwrap().into_iter().skip(100).take(3).collect();
     let tokens = setup.tokens(&[harmful, harmless_probes(3)].concat());
-    // llama.cpp's path runs as an unsteered request, so no steered-only sampler on ours either.
-    let sampling = Sampling { max_tokens: 24, steered_dry: 0.0, ..Sampling::default() };
+    // llama.cpp's path runs as an unsteered request, so no steered-only sampler on ours either,
+    // and no answer ends early (a steered answer may not end at its first token, an unsteered one may).
+    let sampling = Sampling { max_tokens: 24, steered_dry: 0.0, ignore_eos: true, ..Sampling::default() };
     let params = ContextParams::default();
     let ours = setup.generate(setup.hook(Mode::Always, None, 4.0, layers), &params, false, &tokens, &sampling);
     let llama = setup.generate(setup.hook(Mode::Plain, None, 4.0, layers), &params, true, &tokens, &sampling);
