@@ -115,7 +115,7 @@ fn a_steered_request_leaves_nothing_behind_for_the_next() {
     // generate and chat decode one request per run on one context: the control
     // vector a steered answer decodes with must not outlive that answer.
     let setup = setup(common::QWEN);
-    // One layer: with alpha 4 on five layers of the refusal direction the steered answer never reached the hand-off (too strong, it seems to end at once).
+    // One layer: with alpha 4 on five layers of the refusal direction the steered answer ended at its first token, before the hand-off.
     let layers = [10];
     // Long enough for the steered answer to hand its shift to llama.cpp's control vector.
     let sampling = Sampling { max_tokens: 64, ..Sampling::default() };
