@@ -117,9 +117,6 @@ struct Slot {
     sampler: Option<LlamaSampler>,
     greedy: bool,
     ignore_eos: bool,
-    /// Its first token may not end it: the shift can make end of turn the
-    /// likeliest first token, and an empty reply tells the user nothing.
-    steered: bool,
     /// Row of this sequence's logits in the last batch.
     logits_row: i32,
     budget: usize,
@@ -583,7 +580,6 @@ impl<'c, 'm> Engine<'c, 'm> {
             sampler: request.sampling.sampler(steered, |multiplier| self.dry.get(self.model, multiplier)),
             greedy: request.sampling.temperature <= 0.0,
             ignore_eos: request.sampling.ignore_eos,
-            steered,
             logits_row,
             budget: request.sampling.max_tokens.min(self.room - request.prompt.len()),
         });
@@ -756,7 +752,10 @@ impl<'c, 'm> Engine<'c, 'm> {
     fn sample(&mut self, seq: usize, on_event: &mut impl FnMut(Event)) -> Result<bool> {
         let vocab = self.model.llama().vocab();
         let slot = self.slots[seq].as_mut().expect("sampling a live slot");
-        if let (Some(eog), true) = (&self.eog, slot.ignore_eos || (slot.steered && slot.tokens.is_empty())) {
+        // A steered answer's first token may not end it: the shift can make end
+        // of turn the likeliest first token, and an empty reply tells the user nothing.
+        let no_end = slot.ignore_eos || (self.ctx.hook().is_steered(seq) && slot.tokens.is_empty());
+        if let (Some(eog), true) = (&self.eog, no_end) {
             let logits = self.ctx.logits_mut(slot.logits_row);
             eog.iter().for_each(|&id| logits[id] = f32::NEG_INFINITY);
         }

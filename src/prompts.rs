@@ -271,21 +271,6 @@ pub fn preview(prompt: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_request_starts_after_the_last_user_header() {
-        let header = [7, 8, 9];
-        assert_eq!(request_start(&[1, 7, 8, 9, 4, 5, 7, 8, 9, 6, 2], &header), 9);
-        // The header's last token merged into the content: start at the merged token.
-        assert_eq!(request_start(&[1, 7, 8, 10, 4], &header), 3);
-        assert_eq!(request_start(&[1, 2, 3], &header), 0, "no header: the whole prompt");
-        assert_eq!(request_start(&[1, 2, 3], &[]), 0);
-    }
-}
-
 #[derive(Deserialize)]
 struct Pair {
     prompt: String,
@@ -305,4 +290,19 @@ pub fn read_pairs(path: &Path) -> Result<Vec<(String, String)>> {
     }
     ensure!(!pairs.is_empty(), "{} holds no (prompt, answer) pairs", path.display());
     Ok(pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_starts_after_the_last_user_header() {
+        let header = [7, 8, 9];
+        assert_eq!(request_start(&[1, 7, 8, 9, 4, 5, 7, 8, 9, 6, 2], &header), 9);
+        // The header's last token merged into the content: start at the merged token.
+        assert_eq!(request_start(&[1, 7, 8, 10, 4], &header), 3);
+        assert_eq!(request_start(&[1, 2, 3], &header), 0, "no header: the whole prompt");
+        assert_eq!(request_start(&[1, 2, 3], &[]), 0);
+    }
 }

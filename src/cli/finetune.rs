@@ -9,9 +9,9 @@ use clap::Args;
 
 use inferalign::finetune::lora::Lora;
 use inferalign::finetune::model::{Transformer, ARCHITECTURE};
-use inferalign::finetune::{best_device, examples, read_pairs, train, TrainOptions};
+use inferalign::finetune::{best_device, examples, train, TrainOptions};
 use inferalign::llama::{GgufFile, Model};
-use inferalign::prompts::Template;
+use inferalign::prompts::{read_pairs, Template};
 
 use super::non_negative;
 

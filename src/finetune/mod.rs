@@ -16,7 +16,6 @@ use rand::SeedableRng;
 
 use crate::llama::Model;
 use crate::prompts::{tokenize, Template};
-pub use crate::prompts::read_pairs;
 use lora::Lora;
 use model::{Batch, Transformer};
 
