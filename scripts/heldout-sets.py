@@ -2,7 +2,8 @@
 """Writes the gate's held-out sets (prompts `extract` never sees by default)
 into DIR: plain AdvBench 200-519, own harmless 192-319, AdvBench 200-431 wrapped
 in the templates of data/jailbreaks.jsonl (each template in turn), the same
-harmless prompts wrapped twice each, and a `.families.json` per wrapped set.
+harmless prompts wrapped twice each, a `.families.json` per wrapped set, and
+the harmful and harmless questions of data/questions-*.txt (never fitted on).
 Usage: scripts/heldout-sets.py DIR (after scripts/setup.sh)"""
 import json
 import os
@@ -11,7 +12,13 @@ import sys
 root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 cache = os.environ.get("INFERALIGN_CACHE", os.path.expanduser("~/.cache/inferalign"))
 advbench = [json.loads(line)["goal"] for line in open(os.path.join(cache, "data", "advbench.jsonl"))]
-harmless = [line.strip() for line in open(os.path.join(root, "data", "harmless.txt")) if line.strip()]
+
+
+def lines(name):
+    return [line.strip() for line in open(os.path.join(root, "data", name)) if line.strip()]
+
+
+harmless = lines("harmless.txt")
 templates = [json.loads(line) for line in open(os.path.join(root, "data", "jailbreaks.jsonl"))]
 out = sys.argv[1]
 os.makedirs(out, exist_ok=True)
@@ -35,3 +42,5 @@ write("plain_harmless", harmless[192:320])
 write("wrapped_harmful", *wrapped(advbench[200:432], lambda i: 0))
 # The second copy of each harmless prompt goes into a template half the list on.
 write("wrapped_harmless", *wrapped(harmless[192:320] * 2, lambda i: (i >= 128) * (len(templates) // 2)))
+write("question_harmful", lines("questions-harmful.txt"))
+write("question_harmless", lines("questions-harmless.txt"))
