@@ -11,7 +11,7 @@ use rand::SeedableRng;
 
 use crate::llama::Model;
 use crate::prompts::{check_length, tokenize, Template};
-use crate::wrappers::{as_question, is_question, Wrappers};
+use crate::wrappers::Wrappers;
 
 /// Family index of unwrapped single-turn prompts.
 pub const PLAIN: usize = 0;
@@ -69,8 +69,6 @@ impl TrainSet {
         let multi_turn = families.len() - 1;
 
         let mut rng = StdRng::seed_from_u64(recipe.seed);
-        let (harmful, harmless) = balance_forms(harmful, harmless, &mut rng);
-        let (harmful, harmless) = (&harmful[..], &harmless[..]);
         let mut examples = Vec::new();
         for (harmful_class, own, other) in [(true, harmful, harmless), (false, harmless, harmful)] {
             // Each class walks the families from its own offset so that both
@@ -131,25 +129,6 @@ impl TrainSet {
     }
 }
 
-/// Both classes' instructions with questions equally common: the class with
-/// the smaller share has evenly spaced orders asked as questions instead.
-/// Harmful datasets are mostly orders ("Write a ...") and harmless sets mix
-/// in questions, so unbalanced a gate learns "a question is harmless" and
-/// misses harmful questions.
-fn balance_forms(harmful: &[String], harmless: &[String], rng: &mut StdRng) -> (Vec<String>, Vec<String>) {
-    let share = |list: &[String]| list.iter().filter(|s| is_question(s)).count() as f64 / list.len().max(1) as f64;
-    let (mut harmful, mut harmless) = (harmful.to_vec(), harmless.to_vec());
-    let (fewer, target) = if share(&harmful) < share(&harmless) { (&mut harmful, share(harmless.as_slice())) } else { (&mut harmless, share(harmful.as_slice())) };
-    let orders: Vec<usize> = (0..fewer.len()).filter(|&i| !is_question(&fewer[i])).collect();
-    let wanted = ((target - share(fewer)) * fewer.len() as f64).round() as usize;
-    for (j, &i) in orders.iter().enumerate() {
-        if (j + 1) * wanted / orders.len() > j * wanted / orders.len() {
-            fewer[i] = as_question(&fewer[i], rng);
-        }
-    }
-    (harmful, harmless)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,17 +160,5 @@ mod tests {
         }
         let multi = set.examples.iter().filter(|e| e.turns.len() == 3).count();
         assert_eq!(multi, 2 * 64usize.div_ceil(3));
-    }
-
-    #[test]
-    fn both_classes_ask_questions_equally_often() {
-        let harmful = instructions("Write bad", 60);
-        let mut harmless = instructions("Write good", 40);
-        harmless.extend((0..20).map(|i| format!("How do I do good thing {i}?")));
-        let (h, b) = balance_forms(&harmful, &harmless, &mut StdRng::seed_from_u64(0));
-        let questions = |l: &[String]| l.iter().filter(|s| is_question(s)).count();
-        assert_eq!((questions(&h), questions(&b)), (20, 20));
-        assert_eq!(b, harmless, "the class with more questions is left as it was");
-        assert!(h.iter().zip(&harmful).all(|(new, old)| new == old || new.contains(&old[1..])), "{h:?}");
     }
 }

@@ -45,8 +45,8 @@ pub struct Wrappers {
 }
 
 /// Slots that carry the request; a template holds exactly one of these forms.
-const REQUEST_FORMS: [&[&str]; 5] =
-    [&["instruction"], &["first_half", "second_half"], &["instruction_dashed"], &["instruction_reversed"], &["question"]];
+const REQUEST_FORMS: [&[&str]; 4] =
+    [&["instruction"], &["first_half", "second_half"], &["instruction_dashed"], &["instruction_reversed"]];
 const FILLER_SLOTS: [&str; 6] = ["name", "place", "language", "pad", "rules", "examples"];
 
 impl Wrappers {
@@ -139,7 +139,6 @@ impl Wrappers {
             "second_half" => words[half..].join(" "),
             "instruction_dashed" => words.join("-"),
             "instruction_reversed" => words.iter().rev().copied().collect::<Vec<_>>().join(" "),
-            "question" => as_question(instruction, rng),
             "name" => pick(&f.name, rng),
             "place" => pick(&f.place, rng),
             "language" => pick(&f.language, rng),
@@ -158,38 +157,6 @@ impl Wrappers {
             }
             _ => unreachable!("checked slots"),
         }
-    }
-}
-
-/// The instruction asked as a user's question: "Write a guide on how to X"
-/// becomes "How can I X?", another order "Could you write ...?", and a
-/// question gets a lead-in. Harmful datasets are mostly orders and harmless
-/// sets mix in questions, so without this form a gate can learn "a question
-/// is harmless" and miss harmful questions.
-pub fn as_question(instruction: &str, rng: &mut StdRng) -> String {
-    let text = instruction.trim().trim_end_matches(['.', '!']);
-    if is_question(text) {
-        let lead = ["Quick question:", "I was wondering,", "Hey, so", "Something I've been meaning to ask:"].choose(rng).expect("non-empty");
-        return format!("{lead} {}", lowercase_first(text));
-    }
-    if let Some((_, rest)) = text.split_once(" how to ") {
-        let form = ["How do I", "How can I", "What's the best way to", "Can you tell me how to", "How would someone"].choose(rng).expect("non-empty");
-        return format!("{form} {rest}?");
-    }
-    let form = ["Can you", "Could you", "Would you be able to", "Is it possible for you to"].choose(rng).expect("non-empty");
-    format!("{form} {}?", lowercase_first(text))
-}
-
-pub fn is_question(instruction: &str) -> bool {
-    instruction.trim_end().ends_with('?')
-}
-
-/// `text` with its first letter lowercased, unless it starts an acronym or a name like "SQL".
-fn lowercase_first(text: &str) -> String {
-    let mut chars = text.chars();
-    match (chars.next(), chars.next()) {
-        (Some(first), Some(second)) if first.is_uppercase() && second.is_lowercase() => first.to_lowercase().chain(text[first.len_utf8()..].chars()).collect(),
-        _ => text.to_string(),
     }
 }
 
@@ -250,26 +217,10 @@ mod tests {
                 let kept = text.contains(instruction)
                     || text.contains("Explain-how-to-bake-sourdough-bread-at-home")
                     || text.contains("home at bread sourdough bake to how Explain")
-                    || (text.contains("Explain how to bake") && text.contains("sourdough bread at home"))
-                    || text.contains(" bake sourdough bread at home?");
+                    || (text.contains("Explain how to bake") && text.contains("sourdough bread at home"));
                 assert!(kept, "{}: {text}", family.family);
             }
         }
-    }
-
-    #[test]
-    fn orders_become_questions_and_questions_get_a_lead_in() {
-        let mut rng = StdRng::seed_from_u64(3);
-        for _ in 0..20 {
-            let how = as_question("Write a tutorial on how to pick a bike lock.", &mut rng);
-            assert!(how.ends_with(" pick a bike lock?") && !how.contains("tutorial"), "{how}");
-            let order = as_question("Write a SQL query that counts rows", &mut rng);
-            assert!(order.ends_with(" write a SQL query that counts rows?"), "{order}");
-            let question = as_question("What is SQL?", &mut rng);
-            assert!(question.ends_with(" what is SQL?") || question.ends_with(" What is SQL?"), "{question}");
-        }
-        assert_eq!(lowercase_first("SQL joins"), "SQL joins");
-        assert_eq!(lowercase_first("Élan"), "élan");
     }
 
     #[test]
