@@ -3,7 +3,8 @@
 into DIR: plain AdvBench 200-519, own harmless 192-319, AdvBench 200-431 wrapped
 in the templates of data/jailbreaks.jsonl (each template in turn), the same
 harmless prompts wrapped twice each, a `.families.json` per wrapped set, and
-the harmful and harmless questions of data/questions-*.txt (never fitted on).
+the harmful and harmless questions of data/questions-*.txt (never fitted on),
+plain and wrapped twice each in the same templates.
 Usage: scripts/heldout-sets.py DIR (after scripts/setup.sh)"""
 import json
 import os
@@ -42,5 +43,7 @@ write("plain_harmless", harmless[192:320])
 write("wrapped_harmful", *wrapped(advbench[200:432], lambda i: 0))
 # The second copy of each harmless prompt goes into a template half the list on.
 write("wrapped_harmless", *wrapped(harmless[192:320] * 2, lambda i: (i >= 128) * (len(templates) // 2)))
-write("question_harmful", lines("questions-harmful.txt"))
-write("question_harmless", lines("questions-harmless.txt"))
+for cls in ["harmful", "harmless"]:
+    asked = lines("questions-%s.txt" % cls)
+    write("question_" + cls, asked)
+    write("wrapped_question_" + cls, *wrapped(asked * 2, lambda i: (i >= len(asked)) * (len(templates) // 2)))
