@@ -1,7 +1,6 @@
 //! The prompts a gate is fitted on: every training instruction plain, wrapped
 //! in jailbreak-style families (harmful and harmless alike), and as the last
-//! turn of a conversation whose earlier turn is of the other class; and the
-//! built-in questions of both classes, plain and wrapped.
+//! turn of a conversation whose earlier turn is of the other class.
 
 use std::ops::Range;
 
@@ -17,16 +16,6 @@ use crate::wrappers::Wrappers;
 /// Family index of unwrapped single-turn prompts.
 pub const PLAIN: usize = 0;
 
-/// Questions written for this project (`data/train-questions-*.txt`), harmful
-/// and harmless on the same topics. AdvBench and most harmful sets hold only
-/// orders, so without them a gate can learn "a question is harmless".
-const QUESTIONS: [&str; 2] = [include_str!("../data/train-questions-harmful.txt"), include_str!("../data/train-questions-harmless.txt")];
-
-/// The built-in questions of one class.
-pub fn questions(harmful: bool) -> Vec<String> {
-    QUESTIONS[usize::from(!harmful)].lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
-}
-
 #[derive(Clone, Debug)]
 pub struct Example {
     pub harmful: bool,
@@ -40,8 +29,6 @@ pub struct Example {
     /// Where the instruction (its last part, when a wrapper splits it) sits
     /// in the last turn's content.
     pub request: Range<usize>,
-    /// One of the built-in questions.
-    pub question: bool,
 }
 
 /// An example as the model reads it.
@@ -52,7 +39,7 @@ pub struct Templated {
 }
 
 pub struct TrainSet {
-    /// `plain`, the wrapper families, `question` (with the built-in questions), then `multi_turn`.
+    /// `plain`, the wrapper families, then `multi_turn`.
     pub families: Vec<String>,
     pub examples: Vec<Example>,
 }
@@ -64,14 +51,12 @@ pub struct Recipe {
     pub wraps: usize,
     /// Every how many instructions one also ends a two-turn conversation (0: none).
     pub multi_turn_every: usize,
-    /// Fit on the built-in questions too.
-    pub questions: bool,
     pub seed: u64,
 }
 
 impl Default for Recipe {
     fn default() -> Recipe {
-        Recipe { wraps: 3, multi_turn_every: 3, questions: true, seed: 0 }
+        Recipe { wraps: 3, multi_turn_every: 3, seed: 0 }
     }
 }
 
@@ -80,31 +65,25 @@ impl TrainSet {
         let n_wrap = wrappers.families().len();
         let mut families = vec!["plain".to_string()];
         families.extend(wrappers.families().iter().map(|f| f.family.clone()));
-        let question = recipe.questions.then(|| {
-            families.push("question".into());
-            families.len() - 1
-        });
         families.push("multi_turn".into());
         let multi_turn = families.len() - 1;
 
         let mut rng = StdRng::seed_from_u64(recipe.seed);
         let mut examples = Vec::new();
         for (harmful_class, own, other) in [(true, harmful, harmless), (false, harmless, harmful)] {
-            let asked = question.map_or_else(Vec::new, |_| questions(harmful_class));
             // Each class walks the families from its own offset so that both
             // classes meet every family equally often.
             let offset = if harmful_class { 0 } else { n_wrap / 2 };
-            for (i, instruction) in own.iter().chain(&asked).enumerate() {
-                let is_question = i >= own.len();
-                let mut push = |family, turns, request| examples.push(Example { harmful: harmful_class, family, instruction: i, turns, request, question: is_question });
+            for (i, instruction) in own.iter().enumerate() {
+                let mut push = |family, turns, request| examples.push(Example { harmful: harmful_class, family, instruction: i, turns, request });
                 let whole = 0..instruction.len();
-                push(if is_question { question.expect("questions asked") } else { PLAIN }, vec![("user", instruction.clone())], whole.clone());
+                push(PLAIN, vec![("user", instruction.clone())], whole.clone());
                 for k in 0..recipe.wraps.min(n_wrap) {
                     let family = (i * recipe.wraps + k + offset) % n_wrap;
                     let (text, request) = wrappers.wrap(family, instruction, &mut rng);
                     push(1 + family, vec![("user", text)], request);
                 }
-                if !is_question && recipe.multi_turn_every > 0 && i % recipe.multi_turn_every == 0 && !other.is_empty() {
+                if recipe.multi_turn_every > 0 && i % recipe.multi_turn_every == 0 && !other.is_empty() {
                     let before = other.choose(&mut rng).expect("non-empty").clone();
                     let reply = wrappers.reply(!harmful_class, &mut rng).to_string();
                     push(multi_turn, vec![("user", before), ("assistant", reply), ("user", instruction.clone())], whole);
@@ -114,26 +93,17 @@ impl TrainSet {
         TrainSet { families, examples }
     }
 
-    /// Family index of the built-in questions, when they are fitted on.
-    pub fn question_family(&self) -> Option<usize> {
-        self.families.iter().position(|f| f == "question")
-    }
-
     /// Cross-validation fold of each example: a wrapped or multi-turn example
-    /// is validated with its family; a plain one (or a plain built-in
-    /// question) with the first family its instruction is wrapped in, so an
-    /// instruction is held out as a whole. A fold of its own for the questions
-    /// would score them with a probe that saw none, unlike the final gate.
+    /// is validated with its family; a plain one with the first family its
+    /// instruction is wrapped in, so an instruction is held out as a whole.
     pub fn folds(&self) -> Vec<usize> {
-        let question = self.question_family();
-        let undressed = |e: &Example| e.family == PLAIN || Some(e.family) == question;
         let first_dressed = |e: &Example| {
             self.examples
                 .iter()
-                .find(|o| o.harmful == e.harmful && o.instruction == e.instruction && !undressed(o))
+                .find(|o| o.harmful == e.harmful && o.instruction == e.instruction && o.family != PLAIN)
                 .map_or(PLAIN, |o| o.family)
         };
-        self.examples.iter().map(|e| if undressed(e) { first_dressed(e) } else { e.family }).collect()
+        self.examples.iter().map(|e| if e.family == PLAIN { first_dressed(e) } else { e.family }).collect()
     }
 
     /// Templated tokens of every example, and where its instruction sits.
@@ -190,26 +160,5 @@ mod tests {
         }
         let multi = set.examples.iter().filter(|e| e.turns.len() == 3).count();
         assert_eq!(multi, 2 * 64usize.div_ceil(3));
-    }
-
-    #[test]
-    fn built_in_questions_of_both_classes_are_asked_plain_and_wrapped_and_held_out_whole() {
-        let wrappers = Wrappers::builtin();
-        let set = TrainSet::build(&instructions("bad", 8), &instructions("good", 8), &wrappers, Recipe::default());
-        let question = set.question_family().expect("questions are on by default");
-        let folds = set.folds();
-        for class in [true, false] {
-            let asked = questions(class);
-            assert!(asked.len() >= 32 && asked.iter().all(|q| q.ends_with('?')), "class {class}: {asked:?}");
-            let examples: Vec<(&Example, usize)> = set.examples.iter().zip(folds.iter().copied()).filter(|(e, _)| e.harmful == class && e.question).collect();
-            assert_eq!(examples.len(), asked.len() * (1 + Recipe::default().wraps));
-            assert!(examples.iter().all(|(e, _)| e.instruction >= 8 && e.turns.len() == 1));
-            for (e, fold) in examples.iter().filter(|(e, _)| e.family == question) {
-                assert!(examples.iter().any(|(o, f)| o.instruction == e.instruction && o.family == *f && f == fold && *f != question), "{e:?}");
-            }
-        }
-        let without = TrainSet::build(&instructions("bad", 8), &instructions("good", 8), &wrappers, Recipe { questions: false, ..Recipe::default() });
-        assert!(without.question_family().is_none() && without.examples.iter().all(|e| !e.question));
-        assert_eq!(without.families.len() + 1, set.families.len());
     }
 }

@@ -143,8 +143,6 @@ fn gemma_extracts_with_a_named_builtin_template() {
         "--wraps",
         "1",
         "--no-check",
-        // The template is what this test is about; the questions would treble its prompts.
-        "--no-questions",
     ];
     // No template in the file and none named: an error that says what to do.
     common::cli_err(&base, "--template");
