@@ -22,6 +22,8 @@ pub struct Labels<'a> {
     pub instruction: &'a [usize],
     /// Family index of multi-turn examples (their harmless FPR is bounded on its own).
     pub multi_turn: usize,
+    /// Family index of the built-in questions: plain requests, bounded with the plain group.
+    pub question: Option<usize>,
 }
 
 /// What one part of a gate reads from each example, and how a probe on it is
@@ -169,7 +171,7 @@ pub struct Validation {
 /// at or under `max_fpr`, and the TPR it gives every family.
 pub fn validate(z: &[f32], labels: &Labels, n_families: usize, max_fpr: f32) -> Validation {
     let group = |i: usize| match labels.family[i] {
-        PLAIN => 0,
+        f if f == PLAIN || Some(f) == labels.question => 0,
         f if f == labels.multi_turn => 2,
         _ => 1,
     };
@@ -272,7 +274,7 @@ mod tests {
     #[test]
     fn a_layer_perfect_on_training_prompts_loses_to_one_that_holds_on_unseen_families() {
         let (lexical, deep, harmful, family, fold, instruction) = toy();
-        let labels = Labels { harmful: &harmful, family: &family, fold: &fold, instruction: &instruction, multi_turn: 99 };
+        let labels = Labels { harmful: &harmful, family: &family, fold: &fold, instruction: &instruction, multi_turn: 99, question: None };
         // Training accuracy on plain prompts alone would pick the lexical layer.
         let plain: Vec<usize> = (0..harmful.len()).filter(|&i| family[i] == 0).collect();
         let fit = Fit::new(&Rows(lexical.clone()), &harmful, |i| family[i] == 0).unwrap();
@@ -287,7 +289,7 @@ mod tests {
     #[test]
     fn the_threshold_keeps_every_harmless_group_under_the_allowed_rate() {
         let (_, deep, harmful, family, fold, instruction) = toy();
-        let labels = Labels { harmful: &harmful, family: &family, fold: &fold, instruction: &instruction, multi_turn: 2 };
+        let labels = Labels { harmful: &harmful, family: &family, fold: &fold, instruction: &instruction, multi_turn: 2, question: None };
         let z = out_of_fold(&Rows(deep.clone()), &labels);
         for max_fpr in [0.0, 0.05, 0.2] {
             let v = validate(&z, &labels, 3, max_fpr);

@@ -150,6 +150,7 @@ pub fn extract(
         fold: &set.folds(),
         instruction: &set.examples.iter().map(|e| e.instruction).collect::<Vec<_>>(),
         multi_turn: set.families.len() - 1,
+        question: set.question_family(),
     };
     let row_layers = candidate_layers(model.n_layer());
     let part = |key: PartKey| -> Box<dyn Part + '_> {

@@ -1,6 +1,7 @@
 //! The prompts a gate is fitted on: every training instruction plain, wrapped
 //! in jailbreak-style families (harmful and harmless alike), and as the last
-//! turn of a conversation whose earlier turn is of the other class.
+//! turn of a conversation whose earlier turn is of the other class; and
+//! questions of both classes written for this project, plain.
 
 use std::ops::Range;
 
@@ -15,6 +16,17 @@ use crate::wrappers::Wrappers;
 
 /// Family index of unwrapped single-turn prompts.
 pub const PLAIN: usize = 0;
+
+/// Questions written for this project (`data/train-questions-*.txt`), harmful
+/// and harmless on the same topics. AdvBench holds only orders, so a gate
+/// fitted on it alone read "a question" as harmless (it flagged 4 of 60
+/// held-out harmful questions).
+const QUESTIONS: [&str; 2] = [include_str!("../data/train-questions-harmful.txt"), include_str!("../data/train-questions-harmless.txt")];
+
+/// The built-in questions of one class.
+pub fn questions(harmful: bool) -> Vec<String> {
+    QUESTIONS[usize::from(!harmful)].lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
+}
 
 #[derive(Clone, Debug)]
 pub struct Example {
@@ -39,7 +51,7 @@ pub struct Templated {
 }
 
 pub struct TrainSet {
-    /// `plain`, the wrapper families, then `multi_turn`.
+    /// `plain`, the wrapper families, `question` (when the built-in questions are asked), then `multi_turn`.
     pub families: Vec<String>,
     pub examples: Vec<Example>,
 }
@@ -51,12 +63,15 @@ pub struct Recipe {
     pub wraps: usize,
     /// Every how many instructions one also ends a two-turn conversation (0: none).
     pub multi_turn_every: usize,
+    /// Ask the built-in questions too, plain: wrapped as well, they cost the
+    /// gate a third of its held-out plain TPR (commit 9da6e1a).
+    pub questions: bool,
     pub seed: u64,
 }
 
 impl Default for Recipe {
     fn default() -> Recipe {
-        Recipe { wraps: 3, multi_turn_every: 3, seed: 0 }
+        Recipe { wraps: 3, multi_turn_every: 3, questions: true, seed: 0 }
     }
 }
 
@@ -65,6 +80,10 @@ impl TrainSet {
         let n_wrap = wrappers.families().len();
         let mut families = vec!["plain".to_string()];
         families.extend(wrappers.families().iter().map(|f| f.family.clone()));
+        let question = recipe.questions.then(|| {
+            families.push("question".into());
+            families.len() - 1
+        });
         families.push("multi_turn".into());
         let multi_turn = families.len() - 1;
 
@@ -89,21 +108,37 @@ impl TrainSet {
                     push(multi_turn, vec![("user", before), ("assistant", reply), ("user", instruction.clone())], whole);
                 }
             }
+            for (j, asked) in question.map_or_else(Vec::new, |_| questions(harmful_class)).into_iter().enumerate() {
+                let request = 0..asked.len();
+                let family = question.expect("questions asked");
+                examples.push(Example { harmful: harmful_class, family, instruction: own.len() + j, turns: vec![("user", asked)], request });
+            }
         }
         TrainSet { families, examples }
     }
 
+    /// Family index of the built-in questions, when they are asked.
+    pub fn question_family(&self) -> Option<usize> {
+        self.families.iter().position(|f| f == "question")
+    }
+
     /// Cross-validation fold of each example: a wrapped or multi-turn example
     /// is validated with its family; a plain one with the first family its
-    /// instruction is wrapped in, so an instruction is held out as a whole.
+    /// instruction is wrapped in, so an instruction is held out as a whole;
+    /// one never wrapped (a built-in question) with a wrapper family by its
+    /// index, so each is scored by a probe that saw the other questions, as
+    /// the final gate has (a fold of their own scored them with none).
     pub fn folds(&self) -> Vec<usize> {
+        let question = self.question_family();
+        let undressed = |e: &Example| e.family == PLAIN || Some(e.family) == question;
+        let n_wrap = self.families.len() - 2 - usize::from(question.is_some());
         let first_dressed = |e: &Example| {
             self.examples
                 .iter()
-                .find(|o| o.harmful == e.harmful && o.instruction == e.instruction && o.family != PLAIN)
-                .map_or(PLAIN, |o| o.family)
+                .find(|o| o.harmful == e.harmful && o.instruction == e.instruction && !undressed(o))
+                .map_or(if n_wrap == 0 { PLAIN } else { 1 + e.instruction % n_wrap }, |o| o.family)
         };
-        self.examples.iter().map(|e| if e.family == PLAIN { first_dressed(e) } else { e.family }).collect()
+        self.examples.iter().map(|e| if undressed(e) { first_dressed(e) } else { e.family }).collect()
     }
 
     /// Templated tokens of every example, and where its instruction sits.
@@ -131,6 +166,8 @@ impl TrainSet {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn instructions(prefix: &str, n: usize) -> Vec<String> {
@@ -160,5 +197,25 @@ mod tests {
         }
         let multi = set.examples.iter().filter(|e| e.turns.len() == 3).count();
         assert_eq!(multi, 2 * 64usize.div_ceil(3));
+    }
+
+    #[test]
+    fn built_in_questions_of_both_classes_are_asked_plain_and_spread_over_the_folds() {
+        let wrappers = Wrappers::builtin();
+        let set = TrainSet::build(&instructions("bad", 8), &instructions("good", 8), &wrappers, Recipe::default());
+        let question = set.question_family().expect("questions are asked by default");
+        let folds = set.folds();
+        for class in [true, false] {
+            let asked = questions(class);
+            assert!(asked.len() >= 32 && asked.iter().all(|q| q.ends_with('?')), "class {class}: {asked:?}");
+            let examples: Vec<(&Example, usize)> = set.examples.iter().zip(folds.iter().copied()).filter(|(e, _)| e.harmful == class && e.family == question).collect();
+            assert_eq!(examples.len(), asked.len());
+            assert!(examples.iter().all(|(e, fold)| e.instruction >= 8 && e.turns.len() == 1 && (1..question).contains(fold)));
+            let spread: BTreeSet<usize> = examples.iter().map(|(_, fold)| *fold).collect();
+            assert_eq!(spread.len(), wrappers.families().len(), "every wrapper fold validates some questions");
+        }
+        let without = TrainSet::build(&instructions("bad", 8), &instructions("good", 8), &wrappers, Recipe { questions: false, ..Recipe::default() });
+        assert!(without.question_family().is_none());
+        assert_eq!(without.families.len() + 1, set.families.len());
     }
 }

@@ -51,6 +51,9 @@ pub struct ExtractArgs {
     /// Wrapper families each training instruction is dressed in
     #[arg(long, default_value_t = Recipe::default().wraps)]
     wraps: usize,
+    /// Fit on your prompts only, without the built-in harmful and harmless questions (data/train-questions-*.txt)
+    #[arg(long)]
+    no_questions: bool,
     /// Highest false-positive rate allowed on held-out harmless prompts (plain, wrapped and multi-turn, each)
     #[arg(long, default_value_t = FitOptions::default().max_fpr, value_parser = super::non_negative)]
     max_fpr: f32,
@@ -84,16 +87,17 @@ pub fn run(args: ExtractArgs) -> Result<()> {
     };
     let (harmful, harmless) = (labelled(harmful_all), labelled(harmless_all));
     eprintln!(
-        "prompts: {} harmful and {} harmless to train (each plain, in {} wrapper families and some in conversations), {} and {} held out to measure",
+        "prompts: {} harmful and {} harmless to train (each plain, in {} wrapper families and some in conversations){}, {} and {} held out to measure",
         harmful.train.len(),
         harmless.train.len(),
         args.wraps,
+        if args.no_questions { "" } else { ", with the built-in questions of both classes" },
         harmful.held_out.len(),
         harmless.held_out.len()
     );
 
     let bar = progress(0, "extract");
-    let options = FitOptions { recipe: Recipe { wraps: args.wraps, ..Recipe::default() }, max_fpr: args.max_fpr };
+    let options = FitOptions { recipe: Recipe { wraps: args.wraps, questions: !args.no_questions, ..Recipe::default() }, max_fpr: args.max_fpr };
     let extraction = extract(&model, &template, &harmful, &harmless, &wrappers, options, &args.model.context_params(), &bar)?;
     bar.finish_and_clear();
     let stats = extraction.stats;

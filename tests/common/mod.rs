@@ -37,7 +37,12 @@ pub fn advbench() -> PathBuf {
 }
 
 pub fn harmless() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/harmless.txt")
+    repo_data("harmless.txt")
+}
+
+/// A file of the repository's `data/`.
+pub fn repo_data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name)
 }
 
 /// Template flags each test model needs (Gemma 270M carries no chat template).
