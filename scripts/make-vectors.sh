@@ -17,3 +17,6 @@ $bin extract --model "$qwen" --harmful "$advbench" --harmless data/harmless.txt 
 gemma="$cache/models/gemma-3-270m-q4_k_m.gguf"
 $bin extract --model "$gemma" --template gemma --harmful "$advbench" --harmless data/harmless.txt --out gguf-vectors/gemma-3-270m-q4_k_m.srv.gguf
 scripts/manifest-figures.py "$bin"
+# The binary embeds the shipped files: rebuild it, or commands run without
+# --gate would still use the files from before this run.
+cargo build --release --quiet
