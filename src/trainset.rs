@@ -64,7 +64,7 @@ pub struct Recipe {
     /// Every how many instructions one also ends a two-turn conversation (0: none).
     pub multi_turn_every: usize,
     /// Ask the built-in questions too, plain: wrapped as well, they cost the
-    /// gate a third of its held-out plain TPR (commit 9da6e1a).
+    /// gate a sixth of its held-out plain TPR (commit 9da6e1a).
     pub questions: bool,
     pub seed: u64,
 }
