@@ -108,10 +108,11 @@ impl TrainSet {
                     push(multi_turn, vec![("user", before), ("assistant", reply), ("user", instruction.clone())], whole);
                 }
             }
-            for (j, asked) in question.map_or_else(Vec::new, |_| questions(harmful_class)).into_iter().enumerate() {
-                let request = 0..asked.len();
-                let family = question.expect("questions asked");
-                examples.push(Example { harmful: harmful_class, family, instruction: own.len() + j, turns: vec![("user", asked)], request });
+            if let Some(family) = question {
+                for (j, asked) in questions(harmful_class).into_iter().enumerate() {
+                    let request = 0..asked.len();
+                    examples.push(Example { harmful: harmful_class, family, instruction: own.len() + j, turns: vec![("user", asked)], request });
+                }
             }
         }
         TrainSet { families, examples }
