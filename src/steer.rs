@@ -344,11 +344,12 @@ impl SteerHook {
     }
 
     /// Whether one pass can gate and steer a prompt of `n_tokens`: the gate
-    /// layer must come before the first steered layer, and the prompt must fit
-    /// one batch, so the decision precedes every shift.
+    /// must decide at or before the first steered layer (at a layer it both
+    /// reads and shifts, the hook reads first), and the prompt must fit one
+    /// batch, so the decision precedes every shift.
     fn single_pass(&self, n_tokens: usize, n_batch: usize) -> bool {
         match (&self.gate, self.mode) {
-            (Some(gate), Mode::Gated) => gate.layer() < self.steering.first_layer() && n_tokens <= n_batch,
+            (Some(gate), Mode::Gated) => gate.layer() <= self.steering.first_layer() && n_tokens <= n_batch,
             _ => true,
         }
     }
@@ -612,6 +613,12 @@ mod tests {
         // The gate (layer 1) comes before the steered layers (2, 3): one pass, if the prompt fits a batch.
         assert_eq!(h.prompt_shifter(64, 64), Shifter::Hook);
         assert_eq!(h.prompt_shifter(65, 64), Shifter::GateOnly);
+        // At a layer it both reads and shifts, the hook reads first.
+        for (gate_layer, shifter) in [(2, Shifter::Hook), (3, Shifter::GateOnly)] {
+            let mut at = hook(0, 1);
+            at.gate = Some(Gate::single(gate_layer, 0, vec![1.0, 0.0], 0.0));
+            assert_eq!(at.prompt_shifter(64, 64), shifter, "gate at layer {gate_layer}, steered layers 2 and 3");
+        }
         assert!(!h.decode_again(0, Shifter::Hook, 0));
         assert!(h.decode_again(0, Shifter::GateOnly, 0));
         assert!(h.decode_again(0, Shifter::Hook, 5), "cached rows of the request were never shifted");
