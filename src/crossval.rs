@@ -215,13 +215,13 @@ fn nan_to(x: f32, replacement: f32) -> f32 {
     if x.is_nan() { replacement } else { x }
 }
 
-/// The best candidate: the highest worst-family TPR, then the highest mean
-/// TPR, then the earlier layer (it gates before more layers have run).
-pub fn best<'a, K: Ord + Copy>(candidates: impl IntoIterator<Item = (K, &'a Validation)>) -> Option<K> {
-    candidates
-        .into_iter()
-        .max_by(|(ka, a), (kb, b)| a.worst_tpr.total_cmp(&b.worst_tpr).then(a.mean_tpr.total_cmp(&b.mean_tpr)).then(kb.cmp(ka)))
-        .map(|(k, _)| k)
+/// Candidates best first: the highest worst-family TPR, then the highest
+/// mean TPR, then the smaller key (a gate that decides at an earlier layer,
+/// before more layers have run).
+pub fn ranked<'a, K: Ord + Copy>(candidates: impl IntoIterator<Item = (K, &'a Validation)>) -> Vec<(K, &'a Validation)> {
+    let mut all: Vec<(K, &Validation)> = candidates.into_iter().collect();
+    all.sort_by(|(ka, a), (kb, b)| b.worst_tpr.total_cmp(&a.worst_tpr).then(b.mean_tpr.total_cmp(&a.mean_tpr)).then(ka.cmp(kb)));
+    all
 }
 
 /// Layers a gate may sit on: not the last fifth, which encodes the answer more
@@ -283,7 +283,7 @@ mod tests {
         let v_lex = validate(&out_of_fold(&Rows(lexical.clone()), &labels), &labels, 3, 0.02);
         let v_deep = validate(&out_of_fold(&Rows(deep.clone()), &labels), &labels, 3, 0.02);
         assert!(v_deep.worst_tpr > v_lex.worst_tpr, "{v_deep:?} vs {v_lex:?}");
-        assert_eq!(best([(1, &v_lex), (2, &v_deep)]), Some(2));
+        assert_eq!(ranked([(1, &v_lex), (2, &v_deep)]).first().map(|c| c.0), Some(2));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use ndarray::{Array2, Axis};
 use sha2::{Digest, Sha256};
 
 use crate::capture::{capture_prompts, DecodeStats, RequestCapture};
-use crate::crossval::{self, best, candidate_layers, request_layers, validate, Fit, Labels, Part, RequestTokens, Rows, Validation};
+use crate::crossval::{self, candidate_layers, ranked, request_layers, validate, Fit, Labels, Part, RequestTokens, Rows, Validation};
 use crate::gate::{fit_layer, mean_difference, rates, LayerActs, Read as GateRead, Term};
 use crate::llama::{ContextParams, Model};
 use crate::openers;
@@ -48,7 +48,18 @@ pub struct Extraction {
     pub layers: Vec<LayerStats>,
     pub gate_layer: usize,
     pub gate: GateFit,
+    /// The best [`RANKED`] candidate gates, the chosen one first: how close the others came.
+    pub ranked: Vec<Candidate>,
     pub stats: DecodeStats,
+}
+
+/// Candidate gates `extract` reports.
+pub const RANKED: usize = 5;
+
+/// A candidate gate and its cross-validated figures.
+pub struct Candidate {
+    pub terms: String,
+    pub validation: Validation,
 }
 
 /// Layers that can carry a control vector: llama.cpp never applies one at layer 0.
@@ -182,8 +193,9 @@ pub fn extract(
         .collect();
     // Ties go to the gate that decides earliest, then the one with fewer parts.
     let rank = |i: usize| (validated[i].0.iter().map(|&k| part_layer(k)).max().unwrap_or(0), validated[i].0.len(), i);
-    let chosen = best((0..validated.len()).map(|i| (rank(i), &validated[i].1))).context("no candidate gate")?;
-    let (parts, validation) = &validated[chosen.2];
+    let order = ranked((0..validated.len()).map(|i| (rank(i), &validated[i].1)));
+    let runners_up = order.iter().take(RANKED).map(|((_, _, i), v)| Candidate { terms: describe_parts(&validated[*i].0), validation: (*v).clone() }).collect();
+    let (parts, validation) = &validated[order.first().context("no candidate gate")?.0 .2];
 
     // The final gate: each chosen part fitted on every training prompt, on the cross-validated scale.
     let train = |i: usize| i < n_train;
@@ -226,7 +238,16 @@ pub fn extract(
         chosen: Some((validation.family_tpr.clone(), validation.fpr.to_vec())),
     };
     let gate_layer = gate.terms.iter().map(|t| t.layer).max().unwrap_or(1);
-    Ok(Extraction { directions, steering, layers: fitted, gate_layer, gate, stats: captured.stats })
+    Ok(Extraction { directions, steering, layers: fitted, gate_layer, gate, ranked: runners_up, stats: captured.stats })
+}
+
+/// `7:tokens + 14:request_max`: a candidate's parts as the gate's terms read.
+fn describe_parts(parts: &[PartKey]) -> String {
+    let part = |k: &PartKey| match k {
+        PartKey::Rows(l) => format!("{l}:tokens"),
+        PartKey::Request(l) => format!("{l}:request_max"),
+    };
+    parts.iter().map(part).collect::<Vec<_>>().join(" + ")
 }
 
 fn part_layer(key: PartKey) -> usize {

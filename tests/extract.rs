@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
+use inferalign::gate::Read;
 use inferalign::llama::GgufFile;
 use inferalign::vectors::VectorFile;
 use serde_json::Value;
@@ -37,6 +38,9 @@ fn qwen_gate_flags_held_out_advbench_and_an_unseen_wrapper_family() {
         "--no-check", "--without-family", unseen,
     ]);
     assert!(table.contains("<- gate") && table.contains("TPR per family left out of fitting"), "{table}");
+    // The ranking's first candidate is the gate the file holds.
+    let ranked: Vec<&str> = table.lines().skip_while(|l| !l.starts_with("candidate gates, best first")).skip(2).take_while(|l| l.ends_with('%')).collect();
+    assert_eq!(ranked.len(), inferalign::extract::RANKED, "{table}");
     assert!(!table.contains("held-out prompts:"), "nothing was held out, so no held-out figure may be printed:\n{table}");
     assert!(!table.contains(unseen), "the left-out family was fitted:\n{table}");
 
@@ -59,6 +63,8 @@ fn qwen_gate_flags_held_out_advbench_and_an_unseen_wrapper_family() {
     assert_eq!(names, expected);
     let file = VectorFile::read(&out).unwrap();
     assert_eq!(file.model_hint, "qwen2");
+    let terms: Vec<String> = file.calibration.as_ref().unwrap().gate.terms.iter().map(|t| format!("{}:{}", t.layer, if t.read == Read::RequestMax { "request_max" } else { "tokens" })).collect();
+    assert!(ranked[0].starts_with(&format!("{} ", terms.join(" + "))), "the gate is {terms:?}, the ranking starts {}", ranked[0]);
     for v in file.directions.values() {
         let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "directions are unit vectors, got {norm}");

@@ -8,7 +8,7 @@ use clap::Args;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use inferalign::extract::{data_set, extract, vector_file, FitOptions, Labelled};
+use inferalign::extract::{data_set, extract, vector_file, Candidate, FitOptions, Labelled};
 use inferalign::llama::Model;
 use inferalign::prompts::{prepare, read_prompts, split, Template};
 use inferalign::steer::format_layers;
@@ -118,12 +118,25 @@ pub fn run(args: ExtractArgs) -> Result<()> {
     };
     let mut file = vector_file(&model, &extraction, data)?;
     print_layer_table(file.calibration.as_ref().expect("extract calibrates"));
+    print_ranked(&extraction.ranked);
     if !args.no_check {
         file.defaults = steering_check(&args, &model, &template, &file, &harmful, &wrappers)?;
     }
     file.write(&args.out)?;
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// The best candidate gates, the chosen one first: a near tie says the
+/// choice between them is within the noise of a few prompts per family.
+fn print_ranked(ranked: &[Candidate]) {
+    println!("\ncandidate gates, best first (cross-validated; the first is the gate):");
+    println!("{:<44}  {:>12}  {:>8}  FPR plain / wrapped / multi-turn", "terms", "worst family", "mean TPR");
+    for c in ranked {
+        let v = &c.validation;
+        let [plain, wrapped, multi] = v.fpr.map(|f| 100.0 * f);
+        println!("{:<44}  {:>11.1}%  {:>7.1}%  {plain:.1}% / {wrapped:.1}% / {multi:.1}%", c.terms, 100.0 * v.worst_tpr, 100.0 * v.mean_tpr);
+    }
 }
 
 /// The check's harmful prompts: the last `n` held out where there are enough
