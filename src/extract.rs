@@ -195,7 +195,8 @@ pub fn extract(
     let rank = |i: usize| (validated[i].0.iter().map(|&k| part_layer(k)).max().unwrap_or(0), validated[i].0.len(), i);
     let order = ranked((0..validated.len()).map(|i| (rank(i), &validated[i].1)));
     let runners_up = order.iter().take(RANKED).map(|((_, _, i), v)| Candidate { terms: describe_parts(&validated[*i].0), validation: (*v).clone() }).collect();
-    let (parts, validation) = &validated[order.first().context("no candidate gate")?.0 .2];
+    let &((_, _, chosen), _) = order.first().context("no candidate gate")?;
+    let (parts, validation) = &validated[chosen];
 
     // The final gate: each chosen part fitted on every training prompt, on the cross-validated scale.
     let train = |i: usize| i < n_train;
