@@ -12,7 +12,7 @@ use half::slice::HalfFloatSliceExt;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 
 use crate::probe::logistic_direction;
-use crate::trainset::PLAIN;
+use crate::trainset::asked_plain;
 
 /// What cross-validation needs to know about each example.
 pub struct Labels<'a> {
@@ -171,7 +171,7 @@ pub struct Validation {
 /// at or under `max_fpr`, and the TPR it gives every family.
 pub fn validate(z: &[f32], labels: &Labels, n_families: usize, max_fpr: f32) -> Validation {
     let group = |i: usize| match labels.family[i] {
-        f if f == PLAIN || Some(f) == labels.question => 0,
+        f if asked_plain(f, labels.question) => 0,
         f if f == labels.multi_turn => 2,
         _ => 1,
     };

@@ -75,6 +75,16 @@ enum PartKey {
     Request(usize),
 }
 
+impl PartKey {
+    /// What the gate term of this part reads: `offsets` before the last token, or the request.
+    fn read(self, offsets: &[usize]) -> GateRead {
+        match self {
+            PartKey::Rows(_) => GateRead::Tokens(offsets.to_vec()),
+            PartKey::Request(_) => GateRead::RequestMax,
+        }
+    }
+}
+
 /// Decodes every prompt once (training prompts plain, wrapped and in
 /// conversations; held-out prompts plain; each training instruction also
 /// answered with a refusal and a compliance opener), fits per layer the
@@ -206,11 +216,7 @@ pub fn extract(
     for &key in parts {
         let p = part(key);
         let fit = Fit::new(&*p, &labels_harmful, train).context("cannot fit the gate: a class has no prompts")?;
-        let read = match key {
-            PartKey::Rows(_) => GateRead::Tokens(offsets.clone()),
-            PartKey::Request(_) => GateRead::RequestMax,
-        };
-        terms.push(Term { layer: part_layer(key), read, weights: (&fit.direction / fit.scale).to_vec() });
+        terms.push(Term { layer: part_layer(key), read: key.read(&offsets), weights: (&fit.direction / fit.scale).to_vec() });
         bias -= fit.centre / fit.scale;
         fits.push((p, fit));
     }
@@ -244,11 +250,7 @@ pub fn extract(
 
 /// `7:tokens + 14:request_max`: a candidate's parts as the gate's terms read.
 fn describe_parts(parts: &[PartKey]) -> String {
-    let part = |k: &PartKey| match k {
-        PartKey::Rows(l) => format!("{l}:tokens"),
-        PartKey::Request(l) => format!("{l}:request_max"),
-    };
-    parts.iter().map(part).collect::<Vec<_>>().join(" + ")
+    parts.iter().map(|&k| format!("{}:{}", part_layer(k), k.read(&[]).kind())).collect::<Vec<_>>().join(" + ")
 }
 
 fn part_layer(key: PartKey) -> usize {

@@ -21,6 +21,16 @@ pub enum Read {
     RequestMax,
 }
 
+impl Read {
+    /// `tokens` or `request_max`, as files and reports name the read.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Read::Tokens(_) => "tokens",
+            Read::RequestMax => "request_max",
+        }
+    }
+}
+
 /// One linear read of the residual stream at `layer` (`l_out-<layer>`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Term {
@@ -48,9 +58,14 @@ impl Term {
     /// `12:tokens:5,0` or `12:request_max`, as files and reports write it.
     pub fn describe(&self) -> String {
         match &self.read {
-            Read::Tokens(o) => format!("{}:tokens:{}", self.layer, o.iter().map(usize::to_string).collect::<Vec<_>>().join(",")),
-            Read::RequestMax => format!("{}:request_max", self.layer),
+            Read::Tokens(o) => format!("{}:{}", self.part(), o.iter().map(usize::to_string).collect::<Vec<_>>().join(",")),
+            Read::RequestMax => self.part(),
         }
+    }
+
+    /// `12:tokens` or `12:request_max`: the layer and read, without the tokens.
+    pub fn part(&self) -> String {
+        format!("{}:{}", self.layer, self.read.kind())
     }
 
     /// The term [`describe`](Self::describe) wrote, with its weights.

@@ -17,6 +17,12 @@ use crate::wrappers::Wrappers;
 /// Family index of unwrapped single-turn prompts.
 pub const PLAIN: usize = 0;
 
+/// Whether examples of `family` are asked as plain requests: unwrapped, or
+/// the built-in questions (family `question`), which are never wrapped.
+pub fn asked_plain(family: usize, question: Option<usize>) -> bool {
+    family == PLAIN || Some(family) == question
+}
+
 /// Questions written for this project (`data/train-questions-*.txt`), harmful
 /// and harmless on the same topics. AdvBench holds only orders, so a gate
 /// fitted on it alone read "a question" as harmless (it flagged 4 of 60
@@ -131,7 +137,7 @@ impl TrainSet {
     /// the final gate has (a fold of their own scored them with none).
     pub fn folds(&self) -> Vec<usize> {
         let question = self.question_family();
-        let undressed = |e: &Example| e.family == PLAIN || Some(e.family) == question;
+        let undressed = |e: &Example| asked_plain(e.family, question);
         let n_wrap = self.families.len() - 2 - usize::from(question.is_some());
         let first_dressed = |e: &Example| {
             self.examples

@@ -5,7 +5,6 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use inferalign::gate::Read;
 use inferalign::llama::GgufFile;
 use inferalign::vectors::VectorFile;
 use serde_json::Value;
@@ -63,7 +62,7 @@ fn qwen_gate_flags_held_out_advbench_and_an_unseen_wrapper_family() {
     assert_eq!(names, expected);
     let file = VectorFile::read(&out).unwrap();
     assert_eq!(file.model_hint, "qwen2");
-    let terms: Vec<String> = file.calibration.as_ref().unwrap().gate.terms.iter().map(|t| format!("{}:{}", t.layer, if t.read == Read::RequestMax { "request_max" } else { "tokens" })).collect();
+    let terms: Vec<String> = file.calibration.as_ref().unwrap().gate.terms.iter().map(|t| t.part()).collect();
     assert!(ranked[0].starts_with(&format!("{} ", terms.join(" + "))), "the gate is {terms:?}, the ranking starts {}", ranked[0]);
     for v in file.directions.values() {
         let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
