@@ -298,6 +298,22 @@ fn load_test_loses_and_mixes_up_nothing() {
     assert_eq!(report["steered"], 3, "every fourth request is harmful");
 }
 
+/// The moderation benchmark sends the same inputs three ways; each way must
+/// see every input and agree with the chat gate on each.
+#[test]
+fn moderation_bench_gates_every_input_alike_three_ways() {
+    let model = common::model(QWEN);
+    let out = common::cli_ok(&["bench", "moderation", "-m", model.to_str().unwrap(), "--inputs", "8", "--parallel", "4", "--runs", "1", "--json"]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let ways = report["ways"].as_array().unwrap();
+    assert_eq!(ways.len(), 3, "{report}");
+    for way in ways {
+        assert_eq!(way["flagged"], 2, "every fourth input is an AdvBench order: {way}");
+        assert_eq!(way["differ_from_chat"], 0, "{way}");
+        assert!(way["inputs_per_second"].as_f64().unwrap() > 0.0, "{way}");
+    }
+}
+
 /// llama-server's `ignore_eos`: what `bench serve` sends both servers so
 /// that an answer which ends early does not read as a slower server. Served
 /// in plain mode, which shares the template's cached prefix and never steers.

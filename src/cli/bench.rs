@@ -26,6 +26,8 @@ pub enum BenchCommand {
     Generate(GenerateBench),
     /// Load test of `serve` on loopback: concurrent clients vs the same requests one at a time
     Serve(super::bench_serve::ServeBench),
+    /// The moderation endpoint's inputs/s (one request of many inputs, one by one) against one-token chat requests, which run every layer
+    Moderation(super::bench_moderation::ModerationBench),
 }
 
 #[derive(Args)]
@@ -77,6 +79,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Extract(args) => extract_bench(args),
         BenchCommand::Generate(args) => generate_bench(args),
         BenchCommand::Serve(args) => super::bench_serve::serve_bench(args),
+        BenchCommand::Moderation(args) => super::bench_moderation::moderation_bench(args),
     }
 }
 

@@ -168,7 +168,7 @@ fn round(url: &str, prompts: &[Vec<String>], args: &ServeBench) -> [(Pass, Answe
 /// twice until a list runs out: llama-server keeps the prompts it has seen
 /// (slots and its RAM cache), so a repeated prompt would measure its cache
 /// rather than its decoding.
-fn pass_prompts(harmless: &[String], harmful: &[String], requests: usize, passes: usize) -> Vec<Vec<String>> {
+pub(super) fn pass_prompts(harmless: &[String], harmful: &[String], requests: usize, passes: usize) -> Vec<Vec<String>> {
     // Positions 3, 7, 11, ... of every pass are harmful, so each pass has requests / 4 of them.
     let n_harmful = requests / 4;
     let pick = |k: usize, j: usize| {

@@ -1,6 +1,7 @@
 //! Subcommands and the options they share.
 
 mod bench;
+mod bench_moderation;
 mod bench_serve;
 mod calibrate;
 mod chat;
