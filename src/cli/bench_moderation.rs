@@ -10,11 +10,10 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use inferalign::prompts::read_prompts;
 use inferalign::server::ServerProcess;
 
 use super::bench::median;
-use super::bench_serve::pass_prompts;
+use super::bench_serve::bench_prompts;
 use super::ModelArgs;
 
 #[derive(Args)]
@@ -89,9 +88,7 @@ struct Figure {
 
 pub fn moderation_bench(args: ModerationBench) -> Result<()> {
     anyhow::ensure!(args.inputs > 0 && args.runs > 0, "--inputs and --runs must be at least 1");
-    let harmless = read_prompts(&inferalign::embedded::data("harmless.txt")?)?;
-    let harmful = read_prompts(&inferalign::cache::data_file("advbench.jsonl"))?;
-    let inputs = pass_prompts(&harmless, &harmful, args.inputs, 1).remove(0);
+    let inputs = bench_prompts(args.inputs, 1)?.remove(0);
     let mut server_args: Vec<std::ffi::OsString> = vec!["--parallel".into(), args.parallel.to_string().into()];
     server_args.extend(args.model.as_args());
     let server = ServerProcess::start(&std::env::current_exe()?, server_args)?;

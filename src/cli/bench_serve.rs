@@ -168,7 +168,7 @@ fn round(url: &str, prompts: &[Vec<String>], args: &ServeBench) -> [(Pass, Answe
 /// twice until a list runs out: llama-server keeps the prompts it has seen
 /// (slots and its RAM cache), so a repeated prompt would measure its cache
 /// rather than its decoding.
-pub(super) fn pass_prompts(harmless: &[String], harmful: &[String], requests: usize, passes: usize) -> Vec<Vec<String>> {
+fn pass_prompts(harmless: &[String], harmful: &[String], requests: usize, passes: usize) -> Vec<Vec<String>> {
     // Positions 3, 7, 11, ... of every pass are harmful, so each pass has requests / 4 of them.
     let n_harmful = requests / 4;
     let pick = |k: usize, j: usize| {
@@ -181,11 +181,17 @@ pub(super) fn pass_prompts(harmless: &[String], harmful: &[String], requests: us
     (0..passes).map(|k| (0..requests).map(|j| pick(k, j)).collect()).collect()
 }
 
-pub fn serve_bench(args: ServeBench) -> Result<()> {
-    anyhow::ensure!(args.clients > 0 && args.requests > 0 && args.runs > 0, "--clients, --requests and --runs must be at least 1");
+/// [`pass_prompts`] from the bench's sources: the embedded harmless set and
+/// the set-up cache's AdvBench.
+pub(super) fn bench_prompts(requests: usize, passes: usize) -> Result<Vec<Vec<String>>> {
     let harmless = read_prompts(&inferalign::embedded::data("harmless.txt")?)?;
     let harmful = read_prompts(&inferalign::cache::data_file("advbench.jsonl"))?;
-    let prompts = pass_prompts(&harmless, &harmful, args.requests, 2 * args.runs);
+    Ok(pass_prompts(&harmless, &harmful, requests, passes))
+}
+
+pub fn serve_bench(args: ServeBench) -> Result<()> {
+    anyhow::ensure!(args.clients > 0 && args.requests > 0 && args.runs > 0, "--clients, --requests and --runs must be at least 1");
+    let prompts = bench_prompts(args.requests, 2 * args.runs)?;
     // Both servers get the same thread count, whatever each would pick alone.
     let mut model = args.model.clone();
     model.threads = Some(model.threads.unwrap_or_else(default_threads));
