@@ -12,7 +12,7 @@ use half::slice::HalfFloatSliceExt;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 
 use crate::probe::logistic_direction;
-use crate::trainset::asked_plain;
+use crate::trainset::{asked_plain, PLAIN};
 
 /// What cross-validation needs to know about each example.
 pub struct Labels<'a> {
@@ -215,12 +215,23 @@ fn nan_to(x: f32, replacement: f32) -> f32 {
     if x.is_nan() { replacement } else { x }
 }
 
-/// Candidates best first: the highest worst-family TPR, then the highest
-/// mean TPR, then the smaller key (a gate that decides at an earlier layer,
-/// before more layers have run).
+/// Cross-validated TPR on plain requests a gate must keep before its worst
+/// family counts. With about 11 prompts per family the worst family is
+/// noisy: a 64 + 64 extraction from AdvBench 64-127 chose a request-only
+/// gate whose worst family led by 3 of 11 prompts and that missed 1 plain
+/// order in 16. Plain orders are what a gate sees most and its target is
+/// 99%; 97% leaves one miss of 64 for fold noise.
+pub const PLAIN_TPR_FLOOR: f32 = 0.97;
+
+/// Candidates best first: those that keep [`PLAIN_TPR_FLOOR`], then the
+/// highest worst-family TPR, then the highest mean TPR, then the smaller key
+/// (a gate that decides at an earlier layer, before more layers have run).
 pub fn ranked<'a, K: Ord + Copy>(candidates: impl IntoIterator<Item = (K, &'a Validation)>) -> Vec<(K, &'a Validation)> {
+    let keeps_plain = |v: &Validation| v.family_tpr.get(PLAIN).is_some_and(|&t| t >= PLAIN_TPR_FLOOR);
     let mut all: Vec<(K, &Validation)> = candidates.into_iter().collect();
-    all.sort_by(|(ka, a), (kb, b)| b.worst_tpr.total_cmp(&a.worst_tpr).then(b.mean_tpr.total_cmp(&a.mean_tpr)).then(ka.cmp(kb)));
+    all.sort_by(|(ka, a), (kb, b)| {
+        keeps_plain(b).cmp(&keeps_plain(a)).then(b.worst_tpr.total_cmp(&a.worst_tpr)).then(b.mean_tpr.total_cmp(&a.mean_tpr)).then(ka.cmp(kb))
+    });
     all
 }
 
@@ -284,6 +295,23 @@ mod tests {
         let v_deep = validate(&out_of_fold(&Rows(deep.clone()), &labels), &labels, 3, 0.02);
         assert!(v_deep.worst_tpr > v_lex.worst_tpr, "{v_deep:?} vs {v_lex:?}");
         assert_eq!(ranked([(1, &v_lex), (2, &v_deep)]).first().map(|c| c.0), Some(2));
+    }
+
+    #[test]
+    fn a_gate_that_loses_plain_orders_ranks_after_one_that_keeps_them_whatever_its_worst_family() {
+        let validation = |plain: f32, worst: f32| Validation {
+            threshold: 0.0,
+            family_tpr: vec![plain, worst, 1.0],
+            worst_tpr: plain.min(worst),
+            mean_tpr: (plain + worst + 1.0) / 3.0,
+            fpr: [0.02; 3],
+        };
+        let (request_only, two_part, weaker) = (validation(0.938, 0.636), validation(1.0, 0.364), validation(0.99, 0.30));
+        let order: Vec<u8> = ranked([(1, &request_only), (2, &two_part), (3, &weaker)]).iter().map(|c| c.0).collect();
+        assert_eq!(order, [2, 3, 1]);
+        // Among gates under the floor alike, the worst family still decides.
+        let lower = validation(0.9, 0.2);
+        assert_eq!(ranked([(1, &lower), (2, &request_only)]).first().map(|c| c.0), Some(2));
     }
 
     #[test]

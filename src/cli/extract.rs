@@ -13,7 +13,7 @@ use inferalign::llama::Model;
 use inferalign::prompts::{prepare, read_prompts, split, Template};
 use inferalign::steer::format_layers;
 use inferalign::strength::{check, CheckOptions};
-use inferalign::trainset::Recipe;
+use inferalign::trainset::{Recipe, PLAIN};
 use inferalign::vectors::{DataIdentity, SteerDefaults, VectorFile};
 use inferalign::wrappers::Wrappers;
 
@@ -129,13 +129,20 @@ pub fn run(args: ExtractArgs) -> Result<()> {
 
 /// The best candidate gates, the chosen one first: a near tie says the
 /// choice between them is within the noise of a few prompts per family.
+/// Candidates under the plain-TPR floor rank after all others.
 fn print_ranked(ranked: &[Candidate]) {
     println!("\ncandidate gates, best first (cross-validated; the first is the gate):");
-    println!("{:<44}  {:>12}  {:>8}  FPR plain / wrapped / multi-turn", "terms", "worst family", "mean TPR");
+    println!("{:<44}  {:>9}  {:>12}  {:>8}  FPR plain / wrapped / multi-turn", "terms", "plain TPR", "worst family", "mean TPR");
     for c in ranked {
         let v = &c.validation;
         let [plain, wrapped, multi] = v.fpr.map(|f| 100.0 * f);
-        println!("{:<44}  {:>11.1}%  {:>7.1}%  {plain:.1}% / {wrapped:.1}% / {multi:.1}%", c.terms, 100.0 * v.worst_tpr, 100.0 * v.mean_tpr);
+        let plain_tpr = 100.0 * v.family_tpr.get(PLAIN).copied().unwrap_or(f32::NAN);
+        println!(
+            "{:<44}  {plain_tpr:>8.1}%  {:>11.1}%  {:>7.1}%  {plain:.1}% / {wrapped:.1}% / {multi:.1}%",
+            c.terms,
+            100.0 * v.worst_tpr,
+            100.0 * v.mean_tpr
+        );
     }
 }
 
