@@ -167,6 +167,13 @@ pub struct Validation {
     pub fpr: [f32; 3],
 }
 
+impl Validation {
+    /// TPR on plain requests; NaN where there are none.
+    pub fn plain_tpr(&self) -> f32 {
+        self.family_tpr.get(PLAIN).copied().unwrap_or(f32::NAN)
+    }
+}
+
 /// The threshold that keeps each harmless group (plain, wrapped, multi-turn)
 /// at or under `max_fpr`, and the TPR it gives every family.
 pub fn validate(z: &[f32], labels: &Labels, n_families: usize, max_fpr: f32) -> Validation {
@@ -227,7 +234,7 @@ pub const PLAIN_TPR_FLOOR: f32 = 0.97;
 /// highest worst-family TPR, then the highest mean TPR, then the smaller key
 /// (a gate that decides at an earlier layer, before more layers have run).
 pub fn ranked<'a, K: Ord + Copy>(candidates: impl IntoIterator<Item = (K, &'a Validation)>) -> Vec<(K, &'a Validation)> {
-    let keeps_plain = |v: &Validation| v.family_tpr.get(PLAIN).is_some_and(|&t| t >= PLAIN_TPR_FLOOR);
+    let keeps_plain = |v: &Validation| v.plain_tpr() >= PLAIN_TPR_FLOOR;
     let mut all: Vec<(K, &Validation)> = candidates.into_iter().collect();
     all.sort_by(|(ka, a), (kb, b)| {
         keeps_plain(b).cmp(&keeps_plain(a)).then(b.worst_tpr.total_cmp(&a.worst_tpr)).then(b.mean_tpr.total_cmp(&a.mean_tpr)).then(ka.cmp(kb))

@@ -224,7 +224,7 @@ pub fn extract(
 
     for s in &mut fitted {
         let Some((_, v)) = validated.iter().find(|(p, _)| p == &vec![PartKey::Rows(s.layer)]) else { continue };
-        (s.tpr, s.fpr, s.worst_tpr) = (v.family_tpr[PLAIN], v.fpr.iter().copied().fold(0.0, f32::max), v.worst_tpr);
+        (s.tpr, s.fpr, s.worst_tpr) = (v.plain_tpr(), v.fpr.iter().copied().fold(0.0, f32::max), v.worst_tpr);
         s.accuracy = 0.5 * (v.mean_tpr + 1.0 - s.fpr);
     }
     let held_out = (n_held > 0 && n_prompts > n_train + n_held).then(|| {

@@ -13,7 +13,7 @@ use inferalign::llama::Model;
 use inferalign::prompts::{prepare, read_prompts, split, Template};
 use inferalign::steer::format_layers;
 use inferalign::strength::{check, CheckOptions};
-use inferalign::trainset::{Recipe, PLAIN};
+use inferalign::trainset::Recipe;
 use inferalign::vectors::{DataIdentity, SteerDefaults, VectorFile};
 use inferalign::wrappers::Wrappers;
 
@@ -136,7 +136,7 @@ fn print_ranked(ranked: &[Candidate]) {
     for c in ranked {
         let v = &c.validation;
         let [plain, wrapped, multi] = v.fpr.map(|f| 100.0 * f);
-        let plain_tpr = 100.0 * v.family_tpr.get(PLAIN).copied().unwrap_or(f32::NAN);
+        let plain_tpr = 100.0 * v.plain_tpr();
         println!(
             "{:<44}  {plain_tpr:>8.1}%  {:>11.1}%  {:>7.1}%  {plain:.1}% / {wrapped:.1}% / {multi:.1}%",
             c.terms,
