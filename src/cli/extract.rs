@@ -170,7 +170,8 @@ fn few_prompts_note(trained: [usize; 2], in_files: [usize; 2]) -> Option<String>
         format!("add prompts to reach {FULL_TRAIN} of each class")
     };
     Some(format!(
-        "note: fitting on {least} instructions of a class; at 64 + 64 the gate caught 86-94% of wrapped harmful prompts against 97% at {FULL_TRAIN} + {FULL_TRAIN} (README, known limits): {next}"
+        "note: fitting on {} + {} instructions; at 64 + 64 the gate caught 86-94% of wrapped harmful prompts against 96.6% at {FULL_TRAIN} + {FULL_TRAIN} (README, known limits): {next}",
+        trained[0], trained[1]
     ))
 }
 
@@ -241,7 +242,7 @@ mod tests {
         let note = few_prompts_note([64, 64], [520, 320]).expect("64 is few");
         assert!(note.contains("pass --train 192 ") && note.contains("520 and 320"), "{note}");
         let note = few_prompts_note([64, 40], [64, 40]).expect("40 is few");
-        assert!(note.starts_with("note: fitting on 40 ") && note.contains("add prompts"), "{note}");
+        assert!(note.starts_with("note: fitting on 64 + 40 ") && note.contains("add prompts"), "{note}");
         assert_eq!(few_prompts_note([150, 150], [150, 400]).map(|n| n.contains("add prompts")), Some(true));
         assert_eq!(few_prompts_note([192, 200], [520, 320]), None);
     }
