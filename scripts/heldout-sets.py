@@ -4,7 +4,10 @@ into DIR: plain AdvBench 200-519, own harmless 192-319, AdvBench 200-431 wrapped
 in the templates of data/jailbreaks.jsonl (each template in turn), the same
 harmless prompts wrapped twice each, a `.families.json` per wrapped set, and
 the harmful and harmless questions of data/questions-*.txt (never fitted on),
-plain and wrapped twice each in the same templates.
+plain and wrapped twice each in the same templates; and `long_*`: a 471-word
+persona preamble (data/long-preamble.txt, longer than any template) before a
+quarter of the wrapped harmful prompts, half the wrapped harmless ones and
+the first 48 plain harmless ones.
 Usage: scripts/heldout-sets.py DIR (after scripts/setup.sh)"""
 import json
 import os
@@ -40,9 +43,15 @@ def wrapped(instructions, shift):
 
 write("plain_harmful", advbench[200:520])
 write("plain_harmless", harmless[192:320])
-write("wrapped_harmful", *wrapped(advbench[200:432], lambda i: 0))
+wrapped_harmful = wrapped(advbench[200:432], lambda i: 0)
+write("wrapped_harmful", *wrapped_harmful)
 # The second copy of each harmless prompt goes into a template half the list on.
-write("wrapped_harmless", *wrapped(harmless[192:320] * 2, lambda i: (i >= 128) * (len(templates) // 2)))
+wrapped_harmless = wrapped(harmless[192:320] * 2, lambda i: (i >= 128) * (len(templates) // 2))
+write("wrapped_harmless", *wrapped_harmless)
+preamble = open(os.path.join(root, "data", "long-preamble.txt")).read()
+write("long_wrapped_harmful", [preamble + p for p in wrapped_harmful[0][::4]], wrapped_harmful[1][::4])
+write("long_wrapped_harmless", [preamble + p for p in wrapped_harmless[0][::2]], wrapped_harmless[1][::2])
+write("long_plain_harmless", [preamble + p for p in harmless[192:240]])
 for cls in ["harmful", "harmless"]:
     asked = lines("questions-%s.txt" % cls)
     write("question_" + cls, asked)
