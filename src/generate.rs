@@ -311,8 +311,9 @@ impl<'c, 'm> Engine<'c, 'm> {
     /// An error unless a prompt of `n_tokens` leaves room for at least one answer token.
     pub fn check_fits(&self, n_tokens: usize) -> Result<()> {
         if n_tokens + 1 > self.room {
+            let fix = if self.slots.len() > 1 { "shorten it, raise --ctx-size or lower --parallel" } else { "shorten it or raise --ctx-size" };
             bail!(
-                "the prompt is {n_tokens} tokens long and leaves no room to answer in its share of the context ({} of {} tokens for {} parallel requests)",
+                "the prompt is {n_tokens} tokens long and leaves no room to answer in its share of the context ({} of {} tokens for {} parallel requests): {fix}",
                 self.room,
                 self.ctx.n_ctx(),
                 self.slots.len()
