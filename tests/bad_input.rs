@@ -133,9 +133,9 @@ fn a_prompt_longer_than_the_context_is_named() {
     let dir = common::tempdir();
     let v = plain_vectors(&dir.path().join("v.gguf"), 896, 1..24);
     let prompts = common::write_lines(dir.path(), "long.txt", &["short one".into(), "word ".repeat(200)]);
-    classify_prompts(&prompts, &v, &["--layer", "5", "--bias", "0", "--ctx-size", "128"], "prompt 2 (\"word word");
+    classify_prompts(&prompts, &v, &[&GATE[..], &["--ctx-size", "128"]].concat(), "prompt 2 (\"word word");
     // It fits the context but not one request's share of it.
-    let share = ["--layer", "5", "--bias", "0", "--ctx-size", "512", "--parallel", "4"];
+    let share = [&GATE[..], &["--ctx-size", "512", "--parallel", "4"]].concat();
     classify_prompts(&prompts, &v, &share, "shorten it, raise --ctx-size or lower --parallel");
 }
 
