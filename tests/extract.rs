@@ -150,24 +150,9 @@ fn gemma_extracts_with_a_named_builtin_template() {
         inferalign::prompts::read_prompts(&common::advbench()).unwrap().into_iter().take(24).collect();
     let harmful = common::write_lines(dir.path(), "harmful.txt", &harmful);
     let (model, harmless) = (common::model(common::GEMMA), common::harmless());
-    let base = [
-        "extract",
-        "--model",
-        model.to_str().unwrap(),
-        "--harmful",
-        harmful.to_str().unwrap(),
-        "--harmless",
-        harmless.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--train",
-        "16",
-        "--wraps",
-        "1",
-        "--no-check",
-        // The template is what this test is about; the questions would treble its prompts.
-        "--no-questions",
-    ];
+    let mut base = common::quick_extract_args(&model, &harmful, &harmless, &out, "16");
+    // The template is what this test is about; the questions would treble its prompts.
+    base.push("--no-questions");
     // No template in the file and none named: an error that says what to do.
     common::cli_err(&base, "--template");
     let args: Vec<&str> = base.iter().copied().chain(["--template", "gemma"]).collect();

@@ -109,26 +109,19 @@ pub fn quick_gate(name: &str) -> PathBuf {
     let (harmful, harmless) = (write_lines(&dir, "harmful.txt", &harmful), write_lines(&dir, "harmless.txt", &harmless));
     let out = dir.join(format!("{name}.srv.gguf"));
     let model = model(name);
-    let mut args = vec![
-        "extract",
-        "--model",
-        model.to_str().unwrap(),
-        "--harmful",
-        harmful.to_str().unwrap(),
-        "--harmless",
-        harmless.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--train",
-        "32",
-        "--wraps",
-        "1",
-        "--no-check",
-    ];
+    let mut args = quick_extract_args(&model, &harmful, &harmless, &out, "32");
     args.extend(template_args(name));
     cli_ok(&args);
     made.insert(name.to_string(), out.clone());
     out
+}
+
+/// `extract` with `train` prompts per class, one wrapper family each and no
+/// generation check: the quickest extraction that still fits a gate.
+pub fn quick_extract_args<'a>(model: &'a Path, harmful: &'a Path, harmless: &'a Path, out: &'a Path, train: &'a str) -> Vec<&'a str> {
+    let path = |p: &'a Path| p.to_str().expect("test paths are UTF-8");
+    let flags = ["--harmful", path(harmful), "--harmless", path(harmless), "--out", path(out), "--train", train];
+    ["extract", "--model", path(model)].into_iter().chain(flags).chain(["--wraps", "1", "--no-check"]).collect()
 }
 
 /// `inferalign serve` on `model_name` with extra arguments, listening on a free loopback port.
