@@ -7,7 +7,9 @@ the harmful and harmless questions of data/questions-*.txt (never fitted on),
 plain and wrapped twice each in the same templates; and `long_*`: a 471-word
 persona preamble (data/long-preamble.txt, longer than any template) before a
 quarter of the wrapped harmful prompts, half the wrapped harmless ones and
-the first 48 plain harmless ones.
+the first 48 plain harmless ones; and `sensitive_harmless`: harmless requests
+that sound harmful (data/sensitive-harmless.txt: figurative phrasing,
+homonyms, games, pests, definitions, history, safety advice; never fitted on).
 Usage: scripts/heldout-sets.py DIR (after scripts/setup.sh)"""
 import json
 import os
@@ -56,3 +58,4 @@ for cls in ["harmful", "harmless"]:
     asked = lines("questions-%s.txt" % cls)
     write("question_" + cls, asked)
     write("wrapped_question_" + cls, *wrapped(asked * 2, lambda i: (i >= len(asked)) * (len(templates) // 2)))
+write("sensitive_harmless", lines("sensitive-harmless.txt"))

@@ -26,7 +26,9 @@ pub fn asked_plain(family: usize, question: Option<usize>) -> bool {
 /// Questions written for this project (`data/train-questions-*.txt`), harmful
 /// and harmless on the same topics. AdvBench holds only orders, so a gate
 /// fitted on it alone read "a question" as harmless (it flagged 4 of 60
-/// held-out harmful questions).
+/// held-out harmful questions). The last 60 harmless ones only sound harmful
+/// (figurative phrasing, homonyms, games, pests, history, safety advice):
+/// without them the gate flagged 8 of 90 such held-out requests.
 const QUESTIONS: [&str; 2] = [include_str!("../data/train-questions-harmful.txt"), include_str!("../data/train-questions-harmless.txt")];
 
 /// The built-in questions of one class.
