@@ -13,8 +13,12 @@ use serde_json::{json, Value};
 use common::{start_server, QWEN};
 use inferalign::prompts::read_prompts;
 
+/// Own harmless prompts no shipped gate was fitted on, from 201 on: 200 ("How
+/// can I reduce how much personal data social media apps collect about me?")
+/// sits on the Qwen gate's threshold (score -0.02 with the file before, +0.08
+/// with the shipped one), and these tests are about batching, not the FPR.
 fn harmless(n: usize) -> Vec<String> {
-    read_prompts(&common::harmless()).unwrap().into_iter().skip(200).take(n).collect()
+    read_prompts(&common::harmless()).unwrap().into_iter().skip(201).take(n).collect()
 }
 
 fn harmful(n: usize) -> Vec<String> {
