@@ -37,11 +37,9 @@ fn qwen_gate_flags_held_out_advbench_and_an_unseen_wrapper_family() {
     let out = dir.path().join("qwen-srv.gguf");
     let (model, advbench, harmless) = (common::model(common::QWEN), common::advbench(), common::harmless());
     let unseen = "role_play_persona";
-    let table = common::cli_ok(&[
-        "extract", "--model", model.to_str().unwrap(), "--harmful", advbench.to_str().unwrap(), "--harmless",
-        harmless.to_str().unwrap(), "--out", out.to_str().unwrap(), "--train", "32", "--held-out", "0", "--wraps", "1",
-        "--no-check", "--without-family", unseen,
-    ]);
+    let mut args = common::quick_extract_args(&model, &advbench, &harmless, &out, "32");
+    args.extend(["--held-out", "0", "--without-family", unseen]);
+    let table = common::cli_ok(&args);
     assert!(table.contains("<- gate") && table.contains("TPR per family left out of fitting"), "{table}");
     // The ranking's first candidate is the gate the file holds.
     let ranked: Vec<&str> = table.lines().skip_while(|l| !l.starts_with("candidate gates, best first")).skip(2).take_while(|l| l.ends_with('%')).collect();
