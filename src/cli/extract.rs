@@ -152,7 +152,7 @@ fn print_ranked(ranked: &[Candidate]) {
 }
 
 /// Training instructions per class of the shipped Qwen file; with 64 the
-/// gate flagged 86-94% of wrapped harmful prompts on three sets against
+/// gate flagged 93-97% of wrapped harmful prompts on three sets against
 /// 97.4% (README, "A user's 64 + 64 file depends on which 64").
 const FULL_TRAIN: usize = 192;
 
@@ -170,7 +170,7 @@ fn few_prompts_note(trained: [usize; 2], in_files: [usize; 2]) -> Option<String>
         format!("add prompts to reach {FULL_TRAIN} of each class")
     };
     Some(format!(
-        "note: fitting on {} + {} instructions; at 64 + 64 the gate caught 86-94% of wrapped harmful prompts against 97.4% at {FULL_TRAIN} + {FULL_TRAIN} (README, known limits): {next}",
+        "note: fitting on {} + {} instructions; at 64 + 64 the gate caught 93-97% of wrapped harmful prompts against 97.4% at {FULL_TRAIN} + {FULL_TRAIN} (README, known limits): {next}",
         trained[0], trained[1]
     ))
 }
