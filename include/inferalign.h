@@ -5,8 +5,10 @@
  *   2. g = inferalign_guard_new(model, "srv.gguf", NULL, NAN, NULL, INFERALIGN_GATED, n_seq, err, sizeof err);
  *   3. inferalign_guard_install(g, &ctx_params) before llama_init_from_model;
  *   4. per request: inferalign_guard_begin_request_at(g, seq, pos) before its prompt is
- *      decoded, pos being where the last user message starts in the prompt (the gate
- *      reads the request from there; inferalign_guard_begin_request reads it all);
+ *      decoded, pos being where the first message after the chat template's fixed
+ *      opening starts in the prompt (the gate reads the conversation from there:
+ *      start at the last user message and an earlier turn could hide a request;
+ *      inferalign_guard_begin_request reads it all);
  *   5. before every llama_decode: inferalign_guard_before_decode(g, &batch);
  *      after it: inferalign_guard_after_decode(g);
  *   6. after the prompt's decode: inferalign_guard_decision(g, seq, &score);
@@ -73,8 +75,9 @@ int inferalign_guard_install(inferalign_guard * guard, struct llama_context_para
  * request (files from `inferalign extract` do) reads the whole prompt. */
 int inferalign_guard_begin_request(inferalign_guard * guard, int32_t seq);
 
-/* As inferalign_guard_begin_request, where the request (the content of the
- * last user turn, as the gate was calibrated) starts at position
+/* As inferalign_guard_begin_request, where the request (the conversation
+ * after the template's fixed opening: BOS, its default system prompt, the
+ * first user header) starts at position
  * `request_pos` of the prompt: the gate reads the tokens from there on. Every
  * one of them must be decoded after this call (none from a cache).
  * -1 if seq is outside 0..n_seq-1 or request_pos is negative. */

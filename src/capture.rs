@@ -6,6 +6,7 @@ use half::bf16;
 use indicatif::ProgressBar;
 use ndarray::{Array2, Array3};
 
+use crate::prompts::common_prefix;
 use crate::llama::{Batch, BatchLayout, Context, ContextParams, LayerHook, LayerOutput, Model, NoHook};
 
 /// Where a token to read sits in the batch being decoded.
@@ -193,7 +194,7 @@ pub fn shared_prefix_len(prompts: &[Vec<i32>]) -> usize {
     let Some(first) = prompts.first() else { return 0 };
     let mut len = prompts.iter().map(|p| p.len()).min().unwrap_or(0).saturating_sub(1);
     for p in &prompts[1..] {
-        len = len.min(first.iter().zip(p).take_while(|(a, b)| a == b).count());
+        len = len.min(common_prefix(first, p));
     }
     len
 }

@@ -16,8 +16,9 @@ pub enum Read {
     /// The tokens this many before the prompt's last (0: the last), each with
     /// its own slice of the weights, in this order.
     Tokens(Vec<usize>),
-    /// Every token from the start of the request (the last user turn's
-    /// content) to the end of the prompt: the largest projection counts.
+    /// Every token from the start of the request (where the conversation
+    /// leaves the template's opening) to the end of the prompt: the largest
+    /// projection counts.
     RequestMax,
 }
 
@@ -174,9 +175,10 @@ impl Gate {
         }
     }
 
-    /// A score the gate could not compute is harmful, never harmless.
+    /// A score the gate could not compute (NaN, an overflow to either
+    /// infinity) is harmful, never harmless.
     pub fn is_harmful(score: f32) -> bool {
-        !(score <= 0.0)
+        !(score.is_finite() && score <= 0.0)
     }
 }
 

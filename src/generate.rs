@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::capture::{BatchAware, Reads};
 use crate::gate::Gate;
 use crate::llama::{Batch, BatchLayout, Context, Model};
+use crate::prompts::common_prefix;
 use crate::steer::{GateDecision, Mode, Shifter, SteerHook};
 
 #[derive(Clone, Debug)]
@@ -177,7 +178,7 @@ fn check_guarded(ctx: &Context<'_, SteerHook>, seq: usize) -> Result<()> {
         bail!("layer {layer}'s output (l_out-{layer}) never reached the guard in this model's graph, so it cannot gate or steer there; refusing to answer unguarded");
     }
     if hook.undecided(seq) {
-        bail!("the gate did not decide on this request; refusing to answer unguarded");
+        bail!("the gate did not decide on this request or could not score it; refusing to answer unguarded");
     }
     Ok(())
 }
@@ -228,7 +229,7 @@ impl PrefixCache {
     /// `keep` (the first token the gate reads) and leaving the last `tail`
     /// tokens (the gate's rows and the last) to be decoded.
     fn shared_with(&self, prompt: &[i32], tail: usize, keep: usize) -> usize {
-        let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let common = common_prefix(&self.tokens, prompt);
         common.min(prompt.len().saturating_sub(tail)).min(keep)
     }
 }
@@ -270,6 +271,9 @@ impl<'c, 'm> Engine<'c, 'm> {
         }
         self.ctx.seq_rm(seq as i32, -1, -1);
         prefill(self.ctx, &mut self.batch, tokens, 0, seq as i32, 1)?;
+        // The cached cells stay taken while requests that do not share them
+        // (a system message of their own) fill their whole share.
+        self.room = self.ctx.n_ctx().saturating_sub(tokens.len()) / self.slots.len();
         self.prefix = Some(PrefixCache { seq, tokens: tokens.to_vec() });
         Ok(())
     }
@@ -645,7 +649,7 @@ impl<'c, 'm> Engine<'c, 'm> {
         if let Some(layer) = self.ctx.unseen(&gate_layers) {
             bail!("the gate layer's output (l_out-{layer}) never reached the guard: start the server in gated mode");
         }
-        self.ctx.hook().decision(seq).context("the gate did not decide on this input")
+        self.ctx.hook().decision(seq).filter(|d| d.score.is_finite()).context("the gate did not decide on this input or could not score it")
     }
 
     /// One decode step for every live request.
@@ -774,14 +778,11 @@ impl<'c, 'm> Engine<'c, 'm> {
         if !end {
             slot.tokens.push(token.0);
             slot.bytes.extend(vocab.token_to_piece(token, false, None));
-            let valid = match std::str::from_utf8(&slot.bytes[slot.emitted..]) {
-                Ok(s) => s.len(),
-                Err(e) => e.valid_up_to(),
-            };
-            if valid > 0 {
-                let text = std::str::from_utf8(&slot.bytes[slot.emitted..slot.emitted + valid]).expect("checked");
-                on_event(Event::Text { request: slot.id, text });
-                slot.emitted += valid;
+            let complete = complete_utf8(&slot.bytes[slot.emitted..]);
+            if complete > 0 {
+                let text = String::from_utf8_lossy(&slot.bytes[slot.emitted..slot.emitted + complete]);
+                on_event(Event::Text { request: slot.id, text: &text });
+                slot.emitted += complete;
             }
         }
         if end || slot.tokens.len() >= slot.budget {
@@ -790,6 +791,22 @@ impl<'c, 'm> Engine<'c, 'm> {
             on_event(Event::Done { request: id, generation });
         }
         Ok(!end)
+    }
+}
+
+/// How many leading bytes of an answer can be shown now: all but an
+/// unfinished character at the end. Bytes that can never be UTF-8 count (they
+/// show as U+FFFD), so one bad token cannot hold back the rest of the answer.
+fn complete_utf8(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    loop {
+        match std::str::from_utf8(&bytes[at..]) {
+            Ok(_) => return bytes.len(),
+            Err(e) => match e.error_len() {
+                Some(bad) => at += e.valid_up_to() + bad,
+                None => return at + e.valid_up_to(),
+            },
+        }
     }
 }
 
@@ -846,6 +863,15 @@ pub fn run<'m>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_unfinished_character_waits_and_a_bad_byte_does_not_hold_back_the_rest() {
+        let e_acute = "é".as_bytes();
+        assert_eq!(super::complete_utf8(b"ab"), 2);
+        assert_eq!(super::complete_utf8(&[b'a', e_acute[0]]), 1, "the second byte of é is still to come");
+        assert_eq!(super::complete_utf8(&[b'a', 0xff, b'b']), 3);
+        assert_eq!(super::complete_utf8(&[0xff, b'b', e_acute[0]]), 2);
+    }
+
     #[test]
     fn prompt_chunks_keep_the_gated_token_with_the_last() {
         assert_eq!(super::chunk_ranges(10, 4, 1), vec![0..4, 4..8, 8..10]);

@@ -59,8 +59,8 @@ pub struct Guard {
     pub gate: Gate,
     pub steering: Steering,
     pub mode: Mode,
-    /// The chat template's user-turn header, where requests start (see [`Guard::use_template`]).
-    pub request_header: Vec<i32>,
+    /// The chat template's opening; requests start where they leave it (see [`Guard::use_template`]).
+    pub opening: Vec<i32>,
 }
 
 impl GuardConfig {
@@ -96,7 +96,7 @@ impl GuardConfig {
             (None, None) => bail!(no_defaults()),
         };
         let steering = Steering::new(&steer_file, strength, &layers, shape.n_layer).with_context(|| format!("cannot steer with {}", steer_path.display()))?;
-        Ok(Guard { gate_file, gate_path, steer_path, gate, steering, mode: self.mode, request_header: Vec::new() })
+        Ok(Guard { gate_file, gate_path, steer_path, gate, steering, mode: self.mode, opening: Vec::new() })
     }
 
     /// A vector file that fits the model: its shape, and its architecture unless `any_model`.
@@ -117,16 +117,16 @@ impl Guard {
         self.hook_with(mode, self.gate.clone(), self.steering.clone(), n_seq)
     }
 
-    /// A hook with this guard's request header and another gate or steering.
+    /// A hook with this guard's template opening and another gate or steering.
     pub fn hook_with(&self, mode: Mode, gate: Gate, steering: Steering, n_seq: usize) -> Result<SteerHook> {
         let mut hook = SteerHook::new(mode, Some(gate), steering, n_seq)?;
-        hook.set_request_header(self.request_header.clone());
+        hook.set_opening(self.opening.clone());
         Ok(hook)
     }
 
-    /// Requests are templated with `template`: the gate reads each from its last user turn on.
+    /// Requests are templated with `template`: the gate reads each from its first turn on.
     pub fn use_template(&mut self, model: &Model, template: &Template) -> Result<()> {
-        self.request_header = template.user_header(model)?;
+        self.opening = template.opening(model)?;
         Ok(())
     }
 

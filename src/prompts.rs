@@ -153,6 +153,16 @@ impl Template {
         Ok(model.llama().vocab().tokenize(header.as_bytes(), false, true).into_iter().map(|t| t.0).collect())
     }
 
+    /// Tokens every conversation templated this way opens with (BOS, the
+    /// template's own system prompt, the first user header): what the gate
+    /// does not read. At most BOS for `raw`.
+    pub fn opening(&self, model: &Model) -> Result<Vec<i32>> {
+        let [a, b] = ["a", "b"].map(|text| self.apply(model, text).and_then(|t| tokenize(model, &t)));
+        let (mut a, b) = (a?, b?);
+        a.truncate(common_prefix(&a, &b));
+        Ok(a)
+    }
+
     /// The text the model sees for one user turn, with the generation prompt.
     pub fn apply(&self, model: &Model, instruction: &str) -> Result<String> {
         self.apply_chat(model, &[("user", instruction)])
@@ -231,6 +241,11 @@ pub fn request_start(tokens: &[i32], header: &[i32]) -> usize {
     }
 }
 
+/// How many leading tokens `a` and `b` share.
+pub fn common_prefix(a: &[i32], b: &[i32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// Template and tokenize every prompt; fails naming a prompt that does not fit `n_ctx`.
 pub fn prepare(model: &Model, template: &Template, prompts: &[String], n_ctx: usize) -> Result<Vec<Vec<i32>>> {
     prepare_opened(model, template, prompts, |_| "", n_ctx)
@@ -304,5 +319,12 @@ mod tests {
         assert_eq!(request_start(&[1, 7, 8, 10, 4], &header), 3);
         assert_eq!(request_start(&[1, 2, 3], &header), 0, "no header: the whole prompt");
         assert_eq!(request_start(&[1, 2, 3], &[]), 0);
+    }
+
+    #[test]
+    fn the_common_prefix_ends_where_the_tokens_part() {
+        assert_eq!(common_prefix(&[1, 5, 6, 7, 4, 7, 8, 2], &[1, 5, 6, 7]), 4);
+        assert_eq!(common_prefix(&[1, 5, 9, 7, 4], &[1, 5, 6, 7]), 2);
+        assert_eq!(common_prefix(&[1, 5, 6, 7, 4], &[]), 0);
     }
 }

@@ -4,8 +4,8 @@
 //! it adds up what the gate's terms see of each request (its last tokens,
 //! every token of its request) and at the gate's deepest layer it decides; for
 //! requests it flags it adds `alpha * theta_l` at every steered layer `l` to
-//! each row of that request from where its request (the last user turn)
-//! starts; in `always` mode, to every row, as llama.cpp's control vectors do.
+//! each row of that request from where its conversation leaves the chat
+//! template's opening; in `always` mode, to every row, as llama.cpp's control vectors do.
 //! Rows of other requests are never touched, so requests sharing a batch are
 //! steered independently.
 
@@ -14,7 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::capture::{BatchAware, Reads};
 use crate::gate::{Gate, Read};
 use crate::llama::{BatchLayout, Context, LayerHook, LayerOutput};
-use crate::prompts::request_start;
+use crate::prompts::common_prefix;
 use crate::vectors::{Strength, VectorFile};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,7 +205,8 @@ struct Request {
     /// Position where its request starts: request terms read from there on.
     start: usize,
     /// Each gate term's value so far: the sum of its token projections, or
-    /// the largest projection of a request token (NaN: a read that failed).
+    /// the largest projection of a request token (-inf: not read yet; NaN: a
+    /// read that failed).
     partial: Vec<f32>,
     decision: Option<GateDecision>,
 }
@@ -222,10 +223,9 @@ pub struct SteerHook {
     /// comes from the prefix cache, decoded once, and a flagged request is not
     /// decoded again.
     from_request: bool,
-    /// The chat template's user-turn header: a request starts after its last occurrence.
-    request_header: Vec<i32>,
+    /// The chat template's opening: a request starts where its prompt leaves it.
+    opening: Vec<i32>,
     requests: Vec<Request>,
-    n_tokens: usize,
     /// Sequence of each token row, and of each output row, in the current batch.
     row_seq: Vec<usize>,
     output_seq: Vec<usize>,
@@ -252,9 +252,8 @@ impl SteerHook {
             shifter: Shifter::Hook,
             stop_at_gate: false,
             from_request: mode == Mode::Gated,
-            request_header: Vec::new(),
+            opening: Vec::new(),
             requests: vec![Request::default(); n_seq],
-            n_tokens: 0,
             row_seq: Vec::new(),
             output_seq: Vec::new(),
             row_in_request: Vec::new(),
@@ -276,20 +275,21 @@ impl SteerHook {
         &self.steering
     }
 
-    /// Tokens that open a user turn in this guard's chat template
-    /// ([`Template::user_header`](crate::prompts::Template::user_header)); without
+    /// Tokens every prompt of this guard's chat template opens with
+    /// ([`Template::opening`](crate::prompts::Template::opening)); without
     /// them a request is its whole prompt.
-    pub fn set_request_header(&mut self, header: Vec<i32>) {
-        self.request_header = header;
+    pub fn set_opening(&mut self, opening: Vec<i32>) {
+        self.opening = opening;
     }
 
-    /// Where the request starts in `prompt`: the last user turn's content.
+    /// Where the request starts in `prompt`: where it leaves the template's
+    /// opening. Every turn after it is read, so a request cannot hide in an
+    /// earlier turn, a system message or text that spells the template's turn markers.
     pub fn request_start(&self, prompt: &[i32]) -> usize {
-        request_start(prompt, &self.request_header)
+        common_prefix(prompt, &self.opening)
     }
 
-    /// A new request starts on `seq`, its request (the last user turn) at
-    /// position `start`: its next output token is its last prompt token, where
+    /// A new request starts on `seq`, its conversation at position `start`: its next output token is its last prompt token, where
     /// the gate decides.
     pub fn begin_request(&mut self, seq: usize, start: usize) -> Result<()> {
         let gated = self.mode == Mode::Gated;
@@ -303,7 +303,7 @@ impl SteerHook {
     }
 
     fn begin(&mut self, seq: usize, start: usize, gated: bool) -> Result<()> {
-        let partial = self.gate.as_ref().map_or(Vec::new(), |g| g.terms.iter().map(|t| if t.read == Read::RequestMax { f32::NEG_INFINITY } else { 0.0 }).collect());
+        let partial = self.gate.as_ref().map_or(Vec::new(), |g| vec![f32::NEG_INFINITY; g.terms.len()]);
         *self.request_mut(seq)? = Request { awaiting_gate: gated, start, partial, decision: None };
         Ok(())
     }
@@ -312,10 +312,10 @@ impl SteerHook {
         self.requests.get(seq).and_then(|r| r.decision)
     }
 
-    /// In gated mode, whether the gate has not (yet) decided on `seq`: such a
-    /// request must not be answered.
+    /// In gated mode, whether the gate has not (yet) decided on `seq`, or
+    /// could not score it (a failed read): such a request must not be answered.
     pub fn undecided(&self, seq: usize) -> bool {
-        self.mode == Mode::Gated && self.decision(seq).is_none()
+        self.mode == Mode::Gated && !self.decision(seq).is_some_and(|d| d.score.is_finite())
     }
 
     /// Layers the model's graph must show the hook: the gate layer, then every steered layer.
@@ -441,7 +441,7 @@ impl SteerHook {
 
     fn read_terms(&mut self, gate: &Gate, layer: usize, out: &mut LayerOutput) -> Result<()> {
         let n_embd = out.n_embd();
-        let all_rows = out.rows() == self.n_tokens;
+        let all_rows = self.holds_all_rows(out)?;
         let (deciding, request_rows, row_seq, requests) = (&self.deciding, &self.request_rows, &self.row_seq, &mut self.requests);
         out.read(|data| {
             let n_rows = data.len() / n_embd.max(1);
@@ -455,7 +455,8 @@ impl SteerHook {
                                 let r = if all_rows { token_row.checked_sub(o) } else { output_row.filter(|_| o == 0) };
                                 let same_seq = r.is_some_and(|r| !all_rows || row_seq.get(r) == Some(&seq));
                                 let v = r.filter(|_| same_seq).and_then(row).map_or(f32::NAN, |a| term.project(k, a));
-                                requests[seq].partial[t] += v;
+                                let p = &mut requests[seq].partial[t];
+                                *p = if *p == f32::NEG_INFINITY { v } else { *p + v };
                             }
                         }
                     }
@@ -472,23 +473,27 @@ impl SteerHook {
         Ok(())
     }
 
+    /// Whether `out` holds every token row of the planned batch (true) or its
+    /// output rows only (false). llama.cpp's own cvector-generator checks the
+    /// same: any other shape is an error, or a read or a shift could land on
+    /// another request.
+    fn holds_all_rows(&self, out: &LayerOutput) -> Result<bool> {
+        match out.rows() {
+            n if n == self.row_seq.len() => Ok(true),
+            n if n == self.output_seq.len() => Ok(false),
+            n => bail!("the tensor has {n} rows, but the planned batch has {} tokens and {} outputs", self.row_seq.len(), self.output_seq.len()),
+        }
+    }
+
     fn apply_shift(&self, shift: &[f32], out: &mut LayerOutput) -> Result<()> {
         let n_embd = out.n_embd();
-        let (seqs, in_request) = if out.rows() == self.n_tokens {
+        let (seqs, in_request) = if self.holds_all_rows(out)? {
             (&self.row_seq, &self.row_in_request)
         } else {
             (&self.output_seq, &self.output_in_request)
         };
-        // llama.cpp's own cvector-generator checks the same: rows must be the
-        // batch's tokens or its outputs, or a shift could land on another request.
-        if seqs.len() != out.rows() || shift.len() != n_embd {
-            bail!(
-                "the tensor has {} rows of {n_embd}, but the planned batch has {} tokens and {} outputs of {}",
-                out.rows(),
-                self.row_seq.len(),
-                self.output_seq.len(),
-                shift.len()
-            );
+        if shift.len() != n_embd {
+            bail!("the shift has {} values for rows of {n_embd}", shift.len());
         }
         out.modify(|data| {
             for (row, (&seq, &inside)) in seqs.iter().zip(in_request).enumerate() {
@@ -532,7 +537,6 @@ impl LayerHook for SteerHook {
 
 impl BatchAware for SteerHook {
     fn plan(&mut self, batch: &dyn BatchLayout, _: &Reads) -> Result<()> {
-        self.n_tokens = batch.len();
         self.row_seq.clear();
         self.output_seq.clear();
         self.row_in_request.clear();
@@ -680,8 +684,9 @@ mod tests {
         assert_eq!(h.requests[2].partial, vec![-4.0, 0.5]);
         h.begin_request(1, 0).unwrap();
         h.plan(&Rows(vec![(1, true)]), &Reads::NONE).unwrap();
-        h.read_terms(&h.gate.clone().unwrap(), 1, &mut LayerOutput::from_host_rows(&mut [1.0, 1.0], 2, &mut scratch)).unwrap();
+        h.run_gate(1, &mut LayerOutput::from_host_rows(&mut [1.0, 1.0], 2, &mut scratch)).unwrap();
         assert!(h.requests[1].partial[0].is_nan(), "a gated token outside the batch is harmful");
+        assert!(h.decision(1).is_some_and(|d| d.harmful) && h.undecided(1), "and no score to answer on");
     }
 
     #[test]

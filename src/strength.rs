@@ -89,7 +89,7 @@ pub fn check(
     model: &Model,
     file: &VectorFile,
     prompts: &[Vec<i32>],
-    request_header: &[i32],
+    opening: &[i32],
     params: &ContextParams,
     options: &CheckOptions,
     progress: &ProgressBar,
@@ -99,7 +99,7 @@ pub fn check(
     let first = Steering::new(file, Strength::Relative(0.0), &options.windows[0], model.n_layer())?;
     let mut hook = SteerHook::new(Mode::Always, None, first, options.parallel)?;
     // Shift what gated mode shifts in a flagged request: its request and answer.
-    hook.set_request_header(request_header.to_vec());
+    hook.set_opening(opening.to_vec());
     hook.set_shift_from_request(true);
     let mut ctx = Context::new(model, &params, hook, true)?;
     let mut engine = Engine::new(model, &mut ctx, options.parallel);

@@ -12,7 +12,7 @@ use inferalign::gate::{Gate, Read, Term};
 use inferalign::generate::{self, Event, Generation, NewRequest, Sampling};
 use inferalign::guard::{GuardConfig, ModelShape};
 use inferalign::llama::{Context, ContextParams, Model};
-use inferalign::prompts::{prepare, read_prompts, request_start, Template};
+use inferalign::prompts::{common_prefix, prepare, read_prompts, Template};
 use inferalign::steer::{Mode, SteerHook, Steering};
 use inferalign::vectors::{Strength, VectorFile};
 
@@ -406,7 +406,7 @@ fn prompts_admitted_while_others_decode_share_their_decode_call() {
 }
 
 /// A gate that reads every token of the request takes the largest projection
-/// from where the last user turn starts, however the prompt is split into
+/// from where the conversation leaves the template's opening, however the prompt is split into
 /// batches: decoded 64 tokens at a time it scores what one batch scores, and
 /// what the captured request tokens give offline.
 #[test]
@@ -422,14 +422,14 @@ fn the_request_gate_reads_a_request_split_across_batches() {
     ];
     let prompts = setup.tokens(&texts);
     assert!(prompts.iter().all(|p| p.len() > 150), "the prompts must span several batches of 64");
-    let header = setup.template.user_header(&setup.model).unwrap();
-    let starts: Vec<usize> = prompts.iter().map(|p| request_start(p, &header)).collect();
+    let opening = setup.template.opening(&setup.model).unwrap();
+    let starts: Vec<usize> = prompts.iter().map(|p| common_prefix(p, &opening)).collect();
     assert!(starts.iter().all(|&s| s > 0 && s < 40), "the request starts after the system prompt: {starts:?}");
 
     let scores = |n_batch: u32| -> Vec<f32> {
         let steering = Steering::new(&setup.vectors, Strength::Alpha(0.0), &[20], setup.model.n_layer()).unwrap();
         let mut hook = SteerHook::new(Mode::Gated, Some(gate.clone()), steering, 2).unwrap();
-        hook.set_request_header(header.clone());
+        hook.set_opening(opening.clone());
         let params = ContextParams { n_batch, n_seq_max: 2, ..ContextParams::default() };
         let mut ctx = Context::new(&setup.model, &params, hook, true).unwrap();
         let mut engine = generate::Engine::new(&setup.model, &mut ctx, 2);

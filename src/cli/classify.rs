@@ -58,7 +58,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
     params.n_seq_max = parallel as u32;
     let unused = Steering::new(&vectors, Strength::Alpha(0.0), &[gate.layer()], model.n_layer())?;
     let mut hook = SteerHook::new(Mode::Gated, Some(gate.clone()), unused, parallel)?;
-    hook.set_request_header(template.user_header(&model)?);
+    hook.set_opening(template.opening(&model)?);
     let mut ctx = Context::new(&model, &params, hook, true)?;
     let mut engine = Engine::new(&model, &mut ctx, parallel);
     let bar = progress(prompts.len() as u64, "classify");

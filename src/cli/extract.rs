@@ -203,7 +203,7 @@ fn steering_check(
     let tokens = prepare(model, template, &prompts, args.model.ctx_size as usize)?;
     let options = CheckOptions::for_depth(model.n_layer());
     let bar = progress(0, "check");
-    let (chosen, points) = check(model, file, &tokens, &template.user_header(model)?, &args.model.context_params(), &options, &bar)?;
+    let (chosen, points) = check(model, file, &tokens, &template.opening(model)?, &args.model.context_params(), &options, &bar)?;
     bar.finish_and_clear();
     println!("\nsteering check ({} harmful prompts, {} tokens, each shifted from its request on, as a flagged request is):", prompts.len(), options.max_tokens);
     println!("layers      strength  refused  degenerate");

@@ -43,7 +43,7 @@ enum Command {
     Classify(classify::ClassifyArgs),
     /// Answer prompts with the gate and the safety shift inside llama.cpp's graph
     Generate(generate::GenerateArgs),
-    /// Interactive chat with the gate and the shift; each user turn is gated on its own
+    /// Interactive chat with the gate and the shift; each user turn is gated with the conversation before it
     Chat(chat::ChatArgs),
     /// Evaluate plain, always-on and gated modes: attack success, jailbreaks, harmless refusals, utility
     Eval(eval::EvalArgs),

@@ -9,7 +9,6 @@ use axum::http::StatusCode;
 use tokio::sync::mpsc;
 
 use super::{ApiError, Input, Job, Metrics, Reply, Task};
-use crate::capture::shared_prefix_len;
 use crate::generate::{Engine, Event, NewRequest, Sampling};
 use crate::llama::{Context, Model};
 use crate::prompts::{tokenize, Template};
@@ -95,7 +94,7 @@ pub fn run_engine<'m>(
     if deterministic {
         engine.limit_rows(BATCH_INVARIANT_ROWS);
     } else if engine.mode() != Mode::Always {
-        engine.cache_prefix(&template_prefix(model, template)?)?;
+        engine.cache_prefix(&template.opening(model)?)?;
     }
     let mut live: HashMap<usize, Live> = HashMap::new();
     let mut next_id = 0;
@@ -147,16 +146,6 @@ pub fn run_engine<'m>(
             }
         }
     }
-}
-
-/// The tokens every chat prompt starts with (system prompt, user header).
-fn template_prefix(model: &Model, template: &Template) -> Result<Vec<i32>> {
-    let [a, b] = ["a", "b"].map(|text| prompt_tokens(model, template, &Input::Chat(vec![("user".into(), text.into())])));
-    let prompts = [a?, b?];
-    let shared = shared_prefix_len(&prompts);
-    let [mut prefix, _] = prompts;
-    prefix.truncate(shared);
-    Ok(prefix)
 }
 
 /// Gates every waiting moderation input together and answers each.

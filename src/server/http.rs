@@ -58,11 +58,16 @@ impl ApiError {
         self.code = Some(code);
         self
     }
+
+    /// The `{"error": {...}}` object, also sent as the last event of a stream that fails.
+    fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}})
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}});
+        let body = self.body();
         (self.status, Json(body)).into_response()
     }
 }
@@ -543,6 +548,7 @@ async fn respond(state: AppState, input: Input, options: Options, kind: Kind) ->
                     body["usage"] = usage(completion_tokens);
                     return Ok((headers, Json(body)).into_response());
                 }
+                Reply::Rejected(e) => return Err(e),
                 other => unreachable!("unexpected {other:?} after Started"),
             }
         }
@@ -573,6 +579,10 @@ async fn respond(state: AppState, input: Input, options: Options, kind: Kind) ->
                         let _ = events.send(last);
                     }
                     let _ = events.send(Value::String("[DONE]".into()));
+                    return;
+                }
+                Reply::Rejected(e) => {
+                    let _ = events.send(e.body());
                     return;
                 }
                 other => unreachable!("unexpected {other:?} after Started"),
