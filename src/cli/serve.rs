@@ -27,7 +27,7 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port)
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Requests decoded together; each gets --ctx-size / N tokens of context
+    /// Requests decoded together; each gets an equal share of --ctx-size (less the cached template opening)
     #[arg(long, default_value_t = 4)]
     pub parallel: usize,
     /// Require `Authorization: Bearer KEY` on /v1 endpoints
@@ -138,9 +138,9 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         let app = router(jobs, options);
         let addr = listener.local_addr()?;
         eprintln!(
-            "serving {model_id} on http://{addr} ({} parallel requests, {} context tokens each); Ctrl-C stops",
+            "serving {model_id} on http://{addr} ({} parallel requests sharing {} context tokens); Ctrl-C stops",
             args.parallel,
-            params.n_ctx as usize / args.parallel
+            params.n_ctx
         );
         let served = runtime.block_on(async {
             let stop = async {
