@@ -135,8 +135,8 @@ impl Template {
     }
 
     /// Tokens that open a user turn's content (the end of the turn before and
-    /// the user header, as far as every user turn shares them): the request
-    /// the gate reads starts after their last occurrence. Empty for `raw`.
+    /// the user header, as far as every user turn shares them): extraction
+    /// fits the request probe on what follows their last occurrence. Empty for `raw`.
     pub fn user_header(&self, model: &Model) -> Result<Vec<i32>> {
         const FIRST: &str = "Say the word probe";
         const REPLY: &str = "The word probe";

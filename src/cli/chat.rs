@@ -1,5 +1,5 @@
-//! `inferalign chat`: interactive multi-turn chat; each user turn is gated on
-//! its own last token, and the answer streams as it is generated.
+//! `inferalign chat`: interactive multi-turn chat; each user turn is gated
+//! with the conversation before it, and the answer streams as it is generated.
 
 use std::io::{BufRead, Write};
 
