@@ -6,8 +6,8 @@ use half::bf16;
 use indicatif::ProgressBar;
 use ndarray::{Array2, Array3};
 
-use crate::prompts::common_prefix;
 use crate::llama::{Batch, BatchLayout, Context, ContextParams, LayerHook, LayerOutput, Model, NoHook};
+use crate::prompts::common_prefix;
 
 /// Where a token to read sits in the batch being decoded.
 #[derive(Clone, Copy, Debug)]

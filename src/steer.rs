@@ -289,8 +289,8 @@ impl SteerHook {
         common_prefix(prompt, &self.opening)
     }
 
-    /// A new request starts on `seq`, its conversation at position `start`: its next output token is its last prompt token, where
-    /// the gate decides.
+    /// A new request starts on `seq`, its conversation at position `start`:
+    /// its next output token is its last prompt token, where the gate decides.
     pub fn begin_request(&mut self, seq: usize, start: usize) -> Result<()> {
         let gated = self.mode == Mode::Gated;
         self.begin(seq, start, gated)
