@@ -649,7 +649,7 @@ impl<'c, 'm> Engine<'c, 'm> {
         if let Some(layer) = self.ctx.unseen(&gate_layers) {
             bail!("the gate layer's output (l_out-{layer}) never reached the guard: start the server in gated mode");
         }
-        self.ctx.hook().decision(seq).filter(|d| d.score.is_finite()).context("the gate did not decide on this input or could not score it")
+        self.ctx.hook().scored_decision(seq).context("the gate did not decide on this input or could not score it")
     }
 
     /// One decode step for every live request.

@@ -312,10 +312,15 @@ impl SteerHook {
         self.requests.get(seq).and_then(|r| r.decision)
     }
 
+    /// The gate's decision on `seq` if it could score it (no failed read).
+    pub fn scored_decision(&self, seq: usize) -> Option<GateDecision> {
+        self.decision(seq).filter(|d| d.score.is_finite())
+    }
+
     /// In gated mode, whether the gate has not (yet) decided on `seq`, or
     /// could not score it (a failed read): such a request must not be answered.
     pub fn undecided(&self, seq: usize) -> bool {
-        self.mode == Mode::Gated && !self.decision(seq).is_some_and(|d| d.score.is_finite())
+        self.mode == Mode::Gated && self.scored_decision(seq).is_none()
     }
 
     /// Layers the model's graph must show the hook: the gate layer, then every steered layer.
