@@ -76,10 +76,10 @@ impl Part for RequestTokens<'_> {
                 let end = ins.end.clamp(rows.start, rows.end);
                 let positive = end.saturating_sub(REQUEST_END_TOKENS).max(rows.start)..end;
                 let before = rows.start..ins.start.clamp(rows.start, end);
-                labels.extend(std::iter::repeat(true).take(positive.len()).chain(std::iter::repeat(false).take(before.len())));
+                labels.extend(std::iter::repeat_n(true, positive.len()).chain(std::iter::repeat_n(false, before.len())));
                 idx.extend(positive.chain(before));
             } else {
-                labels.extend(std::iter::repeat(false).take(rows.len()));
+                labels.extend(std::iter::repeat_n(false, rows.len()));
                 idx.extend(rows.clone());
             }
         }

@@ -3,20 +3,21 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use indicatif::ProgressBar;
-use ndarray::{Array2, Axis};
+use ndarray::{Array2, Array3, Axis};
 use sha2::{Digest, Sha256};
 
-use crate::capture::{capture_prompts, DecodeStats, RequestCapture};
+use crate::capture::{capture_prompts, Captured, DecodeStats, RequestCapture};
 use crate::crossval::{self, candidate_layers, ranked, request_layers, validate, Fit, Labels, Part, RequestTokens, Rows, Validation};
 use crate::gate::{fit_layer, mean_difference, rates, LayerActs, Read as GateRead, Term};
 use crate::llama::{ContextParams, Model};
 use crate::openers;
 use crate::prompts::{prepare, request_start, Template};
-use crate::trainset::{Recipe, TrainSet, PLAIN};
+use crate::trainset::{Recipe, Templated, TrainSet, PLAIN};
 use crate::vectors::{Calibration, DataIdentity, DataSet, GateFit, LayerStats, ModelIdentity, VectorFile};
 use crate::wrappers::Wrappers;
 
@@ -103,22 +104,12 @@ pub fn extract(
     params: &ContextParams,
     progress: &ProgressBar,
 ) -> Result<Extraction> {
-    let n_ctx = params.n_ctx as usize;
     let set = TrainSet::build(&harmful.train, &harmless.train, wrappers, options.recipe);
-    let templated = set.tokens(model, template, n_ctx)?;
-    let n_train = templated.len();
-    let mut tokens: Vec<Vec<i32>> = templated.iter().map(|t| t.tokens.clone()).collect();
-    tokens.extend(prepare(model, template, &harmful.held_out, n_ctx)?);
-    tokens.extend(prepare(model, template, &harmless.held_out, n_ctx)?);
-    // The steering contrast rides in the same capture, after every prompt the gate sees.
-    let n_prompts = tokens.len();
-    let instructions = [&harmful.train[..], &harmless.train[..]].concat();
-    let (refusing, complying) = openers::continued(model, template, &instructions, n_ctx)?;
-    tokens.extend(refusing);
-    tokens.extend(complying);
+    let templated = set.tokens(model, template, params.n_ctx as usize)?;
+    let (tokens, layout) = all_prompts(model, template, &templated, harmful, harmless, params.n_ctx as usize)?;
     let header = template.user_header(model)?;
     // The answered instructions feed only the steering direction, so no request token of theirs is kept.
-    let starts: Vec<usize> = tokens.iter().enumerate().map(|(i, t)| if i < n_prompts { request_start(t, &header) } else { t.len() }).collect();
+    let starts: Vec<usize> = tokens.iter().enumerate().map(|(i, t)| if i < layout.n_prompts { request_start(t, &header) } else { t.len() }).collect();
     // The last token, and the last token of the user's own text (before the
     // end of turn and the assistant header), side by side.
     let offsets: Vec<usize> = std::iter::once(0).chain(template.post_instruction_len(model)?.filter(|&n| n > 0)).collect();
@@ -126,114 +117,24 @@ pub fn extract(
     let request_layers = request_layers(model.n_layer());
     let request = RequestCapture { starts: &starts, layers: &request_layers };
     let captured = capture_prompts(model, params, &tokens, &offsets, &layers, Some(request), progress)?;
-    let acts = &captured.acts;
+    let Directions { gate: directions, steering, stats: mut fitted } = fit_directions(&captured.acts, &layers, &layout, &set, offsets.len());
 
-    // Steering directions: mean differences of the plain training prompts' last tokens.
-    let slot = |p: usize, k: usize| p * offsets.len() + k;
-    let plain = |class: bool| (0..n_train).filter(|&i| set.examples[i].harmful == class && set.examples[i].family == PLAIN).map(|i| slot(i, 0)).collect::<Vec<_>>();
-    let n_held = harmful.held_out.len();
-    let span = |r: std::ops::Range<usize>| r.map(|i| slot(i, 0)).collect::<Vec<_>>();
-    let n_answered = instructions.len();
-    let groups = [plain(true), plain(false), span(n_train..n_train + n_held), span(n_train + n_held..n_prompts)];
-    let answered = [span(n_prompts..n_prompts + n_answered), span(n_prompts + n_answered..tokens.len())];
-    let mut directions = BTreeMap::new();
-    let mut steering = BTreeMap::new();
-    let mut fitted = Vec::new();
-    for &layer in &layers {
-        let at = acts.index_axis(Axis(1), layer);
-        let [ht, bt, hh, bh] = groups.each_ref().map(|g: &Vec<usize>| at.select(Axis(0), g));
-        let (direction, stats) = fit_layer(layer, &LayerActs { harmful_train: ht.view(), harmless_train: bt.view(), harmful_held: hh.view(), harmless_held: bh.view() });
-        directions.insert(layer, direction);
-        fitted.push(stats);
-        let [refusing, complying] = answered.each_ref().map(|g| at.select(Axis(0), g));
-        steering.insert(layer, mean_difference(&refusing.view(), &complying.view()).0.to_vec());
-    }
-
-    // Every prompt's features for each part; cross-validation uses the training prompts' only.
-    let rows_at = |layer: usize| -> Array2<f32> {
-        Array2::from_shape_fn((n_prompts, offsets.len() * model.n_embd()), |(p, j)| acts[[slot(p, j / model.n_embd()), layer, j % model.n_embd()]])
-    };
-    let mut ranges = Vec::with_capacity(tokens.len());
-    for (t, &start) in tokens.iter().zip(&starts) {
-        let at = ranges.last().map_or(0, |r: &std::ops::Range<usize>| r.end);
-        ranges.push(at..at + t.len() - start);
-    }
-    let instruction: Vec<std::ops::Range<usize>> = (0..n_prompts)
-        .map(|p| match templated.get(p) {
-            Some(t) => ranges[p].start + t.instruction.start.saturating_sub(starts[p])..ranges[p].start + t.instruction.end.saturating_sub(starts[p]),
-            None => ranges[p].clone(),
-        })
-        .collect();
-    let labels_harmful: Vec<bool> = set.examples.iter().map(|e| e.harmful).chain((0..n_prompts - n_train).map(|i| i < n_held)).collect();
+    let features = Features::new(model, &captured, &layout, &tokens, &starts, &templated, &offsets, &request_layers);
+    let harmful_labels: Vec<bool> = set.examples.iter().map(|e| e.harmful).chain((layout.n_train..layout.n_prompts).map(|i| layout.is_held_harmful(i))).collect();
     let labels = Labels {
-        harmful: &labels_harmful[..n_train],
+        harmful: &harmful_labels[..layout.n_train],
         family: &set.examples.iter().map(|e| e.family).collect::<Vec<_>>(),
         fold: &set.folds(),
         instruction: &set.examples.iter().map(|e| e.instruction).collect::<Vec<_>>(),
         multi_turn: set.families.len() - 1,
         question: set.question_family(),
     };
-    let row_layers = candidate_layers(model.n_layer());
-    let part = |key: PartKey| -> Box<dyn Part + '_> {
-        match key {
-            PartKey::Rows(l) => Box::new(Rows(rows_at(l))),
-            PartKey::Request(l) => {
-                let k = request_layers.iter().position(|&r| r == l).expect("a request layer");
-                Box::new(RequestTokens { acts: captured.request[k].view(), rows: &ranges, instruction: &instruction })
-            }
-        }
-    };
-    let keys: Vec<PartKey> = row_layers.iter().map(|&l| PartKey::Rows(l)).chain(request_layers.iter().map(|&l| PartKey::Request(l))).collect();
     progress.set_prefix("validate");
-    let out_of_fold: BTreeMap<PartKey, Vec<f32>> = keys.iter().map(|&k| (k, crossval::out_of_fold(&*part(k), &labels))).collect();
-
-    // Candidates: every part alone, and every last-token part with every request part.
-    let mut candidates: Vec<Vec<PartKey>> = keys.iter().map(|&k| vec![k]).collect();
-    for &r in &request_layers {
-        candidates.extend(row_layers.iter().map(|&l| vec![PartKey::Rows(l), PartKey::Request(r)]));
-    }
-    let n_families = set.families.len();
-    let validated: Vec<(Vec<PartKey>, Validation)> = candidates
-        .into_iter()
-        .map(|parts| {
-            let z: Vec<f32> = (0..n_train).map(|i| parts.iter().map(|k| out_of_fold[k][i]).sum()).collect();
-            let v = validate(&z, &labels, n_families, options.max_fpr);
-            (parts, v)
-        })
-        .collect();
-    // Ties go to the gate that decides earliest, then the one with fewer parts.
-    let rank = |i: usize| (validated[i].0.iter().map(|&k| part_layer(k)).max().unwrap_or(0), validated[i].0.len(), i);
-    let order = ranked((0..validated.len()).map(|i| (rank(i), &validated[i].1)));
-    let runners_up = order.iter().take(RANKED).map(|((_, _, i), v)| Candidate { terms: describe_parts(&validated[*i].0), validation: (*v).clone() }).collect();
-    let &((_, _, chosen), _) = order.first().context("no candidate gate")?;
+    let validated = validate_candidates(&features, &labels, set.families.len(), options.max_fpr);
+    let (chosen, runners_up) = choose(&validated)?;
     let (parts, validation) = &validated[chosen];
-
-    // The final gate: each chosen part fitted on every training prompt, on the cross-validated scale.
-    let train = |i: usize| i < n_train;
-    let mut terms = Vec::new();
-    let mut bias = -validation.threshold;
-    let mut fits = Vec::new();
-    for &key in parts {
-        let p = part(key);
-        let fit = Fit::new(&*p, &labels_harmful, train).context("cannot fit the gate: a class has no prompts")?;
-        terms.push(Term { layer: part_layer(key), read: key.read(&offsets), weights: (&fit.direction / fit.scale).to_vec() });
-        bias -= fit.centre / fit.scale;
-        fits.push((p, fit));
-    }
-    let score = |i: usize| fits.iter().map(|(p, f)| f.z(&**p, i)).sum::<f32>() - validation.threshold;
-
-    for s in &mut fitted {
-        let Some((_, v)) = validated.iter().find(|(p, _)| p == &vec![PartKey::Rows(s.layer)]) else { continue };
-        (s.tpr, s.fpr, s.worst_tpr) = (v.plain_tpr(), v.fpr.iter().copied().fold(0.0, f32::max), v.worst_tpr);
-        s.accuracy = 0.5 * (v.mean_tpr + 1.0 - s.fpr);
-    }
-    let held_out = (n_held > 0 && n_prompts > n_train + n_held).then(|| {
-        let r = rates(&(n_train..n_train + n_held).map(score).collect::<Vec<_>>(), &(n_train + n_held..n_prompts).map(score).collect::<Vec<_>>());
-        (r.tpr, r.fpr)
-    });
-    let family_tpr = (0..n_families)
-        .map(|f| (0..model.n_layer()).map(|l| validated.iter().find(|(p, _)| p == &vec![PartKey::Rows(l)]).map_or(f32::NAN, |(_, v)| v.family_tpr[f])).collect())
-        .collect();
+    let FinalGate { terms, bias, held_out } = final_gate(&features, parts, validation, &harmful_labels, &layout)?;
+    let family_tpr = layer_figures(&mut fitted, &validated, set.families.len(), model.n_layer());
     let gate = GateFit {
         offset: 0,
         direction: None,
@@ -246,6 +147,204 @@ pub fn extract(
     };
     let gate_layer = gate.terms.iter().map(|t| t.layer).max().unwrap_or(1);
     Ok(Extraction { directions, steering, layers: fitted, gate_layer, gate, ranked: runners_up, stats: captured.stats })
+}
+
+/// Where each prompt sits in the one capture: the training examples, the
+/// held-out harmful then harmless prompts (the gate sees all these), then
+/// the instructions answered with a refusal, then with compliance (the
+/// steering contrast rides in the same capture).
+struct Layout {
+    n_train: usize,
+    n_held_harmful: usize,
+    /// Prompts the gate sees: training and held-out.
+    n_prompts: usize,
+    /// Instructions answered each way.
+    n_answered: usize,
+}
+
+impl Layout {
+    fn is_held_harmful(&self, i: usize) -> bool {
+        (self.n_train..self.n_train + self.n_held_harmful).contains(&i)
+    }
+}
+
+/// Every prompt's tokens, in [`Layout`] order.
+fn all_prompts(model: &Model, template: &Template, templated: &[Templated], harmful: &Labelled, harmless: &Labelled, n_ctx: usize) -> Result<(Vec<Vec<i32>>, Layout)> {
+    let mut tokens: Vec<Vec<i32>> = templated.iter().map(|t| t.tokens.clone()).collect();
+    tokens.extend(prepare(model, template, &harmful.held_out, n_ctx)?);
+    tokens.extend(prepare(model, template, &harmless.held_out, n_ctx)?);
+    let n_prompts = tokens.len();
+    let instructions = [&harmful.train[..], &harmless.train[..]].concat();
+    let (refusing, complying) = openers::continued(model, template, &instructions, n_ctx)?;
+    tokens.extend(refusing);
+    tokens.extend(complying);
+    let layout = Layout { n_train: templated.len(), n_held_harmful: harmful.held_out.len(), n_prompts, n_answered: instructions.len() };
+    Ok((tokens, layout))
+}
+
+/// Per layer directions, as [`Extraction`] holds them.
+struct Directions {
+    gate: BTreeMap<usize, Vec<f32>>,
+    steering: BTreeMap<usize, Vec<f32>>,
+    stats: Vec<LayerStats>,
+}
+
+/// Per layer: the unit harmful-minus-harmless direction of the plain training
+/// prompts' last tokens (with its statistics) and the refusal-minus-compliance
+/// direction the shift adds.
+fn fit_directions(acts: &Array3<f32>, layers: &[usize], layout: &Layout, set: &TrainSet, n_offsets: usize) -> Directions {
+    let last = |r: Range<usize>| r.map(|i| i * n_offsets).collect::<Vec<_>>();
+    let plain = |class: bool| last(0..layout.n_train).into_iter().zip(&set.examples).filter(|(_, e)| e.harmful == class && e.family == PLAIN).map(|(s, _)| s).collect();
+    let held = layout.n_train + layout.n_held_harmful;
+    let groups: [Vec<usize>; 4] = [plain(true), plain(false), last(layout.n_train..held), last(held..layout.n_prompts)];
+    let refusing = layout.n_prompts..layout.n_prompts + layout.n_answered;
+    let answered = [last(refusing.clone()), last(refusing.end..refusing.end + layout.n_answered)];
+    let (mut directions, mut steering, mut fitted) = (BTreeMap::new(), BTreeMap::new(), Vec::new());
+    for &layer in layers {
+        let at = acts.index_axis(Axis(1), layer);
+        let [ht, bt, hh, bh] = groups.each_ref().map(|g| at.select(Axis(0), g));
+        let (direction, stats) = fit_layer(layer, &LayerActs { harmful_train: ht.view(), harmless_train: bt.view(), harmful_held: hh.view(), harmless_held: bh.view() });
+        directions.insert(layer, direction);
+        fitted.push(stats);
+        let [refusing, complying] = answered.each_ref().map(|g| at.select(Axis(0), g));
+        steering.insert(layer, mean_difference(&refusing.view(), &complying.view()).0.to_vec());
+    }
+    Directions { gate: directions, steering, stats: fitted }
+}
+
+/// What a candidate gate's parts read, for every prompt the gate sees.
+struct Features<'a> {
+    captured: &'a Captured,
+    n_prompts: usize,
+    offsets: &'a [usize],
+    n_embd: usize,
+    n_layer: usize,
+    request_layers: &'a [usize],
+    /// Each prompt's request tokens, as rows of the request capture.
+    ranges: Vec<Range<usize>>,
+    /// Each prompt's instruction, as rows of the request capture.
+    instruction: Vec<Range<usize>>,
+}
+
+impl<'a> Features<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        model: &Model,
+        captured: &'a Captured,
+        layout: &Layout,
+        tokens: &[Vec<i32>],
+        starts: &[usize],
+        templated: &[Templated],
+        offsets: &'a [usize],
+        request_layers: &'a [usize],
+    ) -> Features<'a> {
+        let mut ranges: Vec<Range<usize>> = Vec::with_capacity(layout.n_prompts);
+        for (t, &start) in tokens.iter().zip(starts).take(layout.n_prompts) {
+            let at = ranges.last().map_or(0, |r| r.end);
+            ranges.push(at..at + t.len() - start);
+        }
+        let instruction = ranges
+            .iter()
+            .enumerate()
+            .map(|(p, r)| match templated.get(p) {
+                Some(t) => r.start + t.instruction.start.saturating_sub(starts[p])..r.start + t.instruction.end.saturating_sub(starts[p]),
+                None => r.clone(),
+            })
+            .collect();
+        Features { captured, n_prompts: layout.n_prompts, offsets, n_embd: model.n_embd(), n_layer: model.n_layer(), request_layers, ranges, instruction }
+    }
+
+    /// Every part a candidate can use: last-token rows at each candidate
+    /// layer, then the request's tokens at each request layer.
+    fn keys(&self) -> Vec<PartKey> {
+        candidate_layers(self.n_layer).into_iter().map(PartKey::Rows).chain(self.request_layers.iter().map(|&l| PartKey::Request(l))).collect()
+    }
+
+    fn part(&self, key: PartKey) -> Box<dyn Part + '_> {
+        match key {
+            PartKey::Rows(layer) => {
+                let (acts, n, n_embd) = (&self.captured.acts, self.offsets.len(), self.n_embd);
+                Box::new(Rows(Array2::from_shape_fn((self.n_prompts, n * n_embd), |(p, j)| acts[[p * n + j / n_embd, layer, j % n_embd]])))
+            }
+            PartKey::Request(layer) => {
+                let k = self.request_layers.iter().position(|&r| r == layer).expect("a request layer");
+                Box::new(RequestTokens { acts: self.captured.request[k].view(), rows: &self.ranges, instruction: &self.instruction })
+            }
+        }
+    }
+}
+
+/// Cross-validates every part alone, and every last-token part with every request part.
+fn validate_candidates(features: &Features, labels: &Labels, n_families: usize, max_fpr: f32) -> Vec<(Vec<PartKey>, Validation)> {
+    let keys = features.keys();
+    let out_of_fold: BTreeMap<PartKey, Vec<f32>> = keys.iter().map(|&k| (k, crossval::out_of_fold(&*features.part(k), labels))).collect();
+    let mut candidates: Vec<Vec<PartKey>> = keys.iter().map(|&k| vec![k]).collect();
+    for &r in features.request_layers {
+        candidates.extend(candidate_layers(features.n_layer).into_iter().map(|l| vec![PartKey::Rows(l), PartKey::Request(r)]));
+    }
+    candidates
+        .into_iter()
+        .map(|parts| {
+            let z: Vec<f32> = (0..labels.harmful.len()).map(|i| parts.iter().map(|k| out_of_fold[k][i]).sum()).collect();
+            let v = validate(&z, labels, n_families, max_fpr);
+            (parts, v)
+        })
+        .collect()
+}
+
+/// The best candidate's index, and the first [`RANKED`] candidates, it first.
+fn choose(validated: &[(Vec<PartKey>, Validation)]) -> Result<(usize, Vec<Candidate>)> {
+    // Ties go to the gate that decides earliest, then the one with fewer parts.
+    let rank = |i: usize| (validated[i].0.iter().map(|&k| part_layer(k)).max().unwrap_or(0), validated[i].0.len(), i);
+    let order = ranked((0..validated.len()).map(|i| (rank(i), &validated[i].1)));
+    let runners_up = order.iter().take(RANKED).map(|((_, _, i), v)| Candidate { terms: describe_parts(&validated[*i].0), validation: (*v).clone() }).collect();
+    let &((_, _, chosen), _) = order.first().context("no candidate gate")?;
+    Ok((chosen, runners_up))
+}
+
+/// Each layer's last-token probe as a gate on its own: its cross-validated
+/// figures go into `stats`; returns its TPR per family (`[family][layer]`).
+fn layer_figures(stats: &mut [LayerStats], validated: &[(Vec<PartKey>, Validation)], n_families: usize, n_layer: usize) -> Vec<Vec<f32>> {
+    for s in stats {
+        let Some(v) = alone(validated, PartKey::Rows(s.layer)) else { continue };
+        (s.tpr, s.fpr, s.worst_tpr) = (v.plain_tpr(), v.fpr.iter().copied().fold(0.0, f32::max), v.worst_tpr);
+        s.accuracy = 0.5 * (v.mean_tpr + 1.0 - s.fpr);
+    }
+    (0..n_families).map(|f| (0..n_layer).map(|l| alone(validated, PartKey::Rows(l)).map_or(f32::NAN, |v| v.family_tpr[f])).collect()).collect()
+}
+
+/// The validation of `key` as a gate on its own.
+fn alone(validated: &[(Vec<PartKey>, Validation)], key: PartKey) -> Option<&Validation> {
+    validated.iter().find(|(p, _)| p == &[key]).map(|(_, v)| v)
+}
+
+/// The gate `extract` writes.
+struct FinalGate {
+    terms: Vec<Term>,
+    bias: f32,
+    /// (TPR, FPR) on the held-out prompts, when there are both classes.
+    held_out: Option<(f32, f32)>,
+}
+
+/// The final gate: each chosen part fitted on every training prompt, on the cross-validated scale.
+fn final_gate(features: &Features, parts: &[PartKey], validation: &Validation, harmful: &[bool], layout: &Layout) -> Result<FinalGate> {
+    let mut terms = Vec::new();
+    let mut bias = -validation.threshold;
+    let mut fits = Vec::new();
+    for &key in parts {
+        let p = features.part(key);
+        let fit = Fit::new(&*p, harmful, |i| i < layout.n_train).context("cannot fit the gate: a class has no prompts")?;
+        terms.push(Term { layer: part_layer(key), read: key.read(features.offsets), weights: (&fit.direction / fit.scale).to_vec() });
+        bias -= fit.centre / fit.scale;
+        fits.push((p, fit));
+    }
+    let score = |i: usize| fits.iter().map(|(p, f)| f.z(&**p, i)).sum::<f32>() - validation.threshold;
+    let held = layout.n_train + layout.n_held_harmful;
+    let held_out = (layout.n_held_harmful > 0 && layout.n_prompts > held).then(|| {
+        let r = rates(&(layout.n_train..held).map(score).collect::<Vec<_>>(), &(held..layout.n_prompts).map(score).collect::<Vec<_>>());
+        (r.tpr, r.fpr)
+    });
+    Ok(FinalGate { terms, bias, held_out })
 }
 
 /// `7:tokens + 14:request_max`: a candidate's parts as the gate's terms read.
