@@ -282,6 +282,10 @@ impl SteerHook {
         self.opening = opening;
     }
 
+    pub fn opening(&self) -> &[i32] {
+        &self.opening
+    }
+
     /// Where the request starts in `prompt`: where it leaves the template's
     /// opening. Every turn after it is read, so a request cannot hide in an
     /// earlier turn, a system message or text that spells the template's turn markers.

@@ -1,7 +1,7 @@
 //! `inferalign calibrate`: re-fit a gate's bias and layer for a target model,
 //! optionally so that its decisions survive a given activation drift.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 use clap::Args;
@@ -70,13 +70,7 @@ struct LayerFit {
 pub fn run(args: CalibrateArgs) -> Result<()> {
     let harmful = read_prompts(&args.harmful)?;
     let harmless = read_prompts(&args.harmless)?;
-    let drift: Option<Drift> = match &args.drift {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            Some(serde_json::from_str(&text).with_context(|| format!("{} is not a drift.json from `inferalign drift --out`", path.display()))?)
-        }
-        None => None,
-    };
+    let drift = args.drift.as_deref().map(read_drift).transpose()?;
     let model = args.model.load()?;
     let mut vectors = VectorFile::read(&args.gate)?;
     vectors.check_fits(&model, &args.gate)?;
@@ -99,42 +93,16 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     let mut projections = Vec::new();
     for &layer in &layers {
         let proj = project(acts.index_axis(Axis(1), layer), vectors.direction(layer)?.into());
-        let (hp, bp) = proj.split_at(harmful.len());
-        let bias = robust_bias(hp, bp, rho);
-        let scores = |p: &[f32]| p.iter().map(|x| x + bias).collect::<Vec<_>>();
-        let r = rates(&scores(hp), &scores(bp));
-        let drift_l2 = drift_at(layer);
-        fits.push(LayerFit {
-            layer,
-            bias,
-            accuracy: r.accuracy,
-            tpr: r.tpr,
-            fpr: r.fpr,
-            robust_accuracy: robust_accuracy(hp, bp, bias, rho),
-            drift_l2,
-            robust_at_drift: drift_l2.map(|d| robust_accuracy(hp, bp, bias, d as f32)),
-        });
+        fits.push(fit_layer(layer, proj.split_at(harmful.len()), rho, drift_at(layer)));
         projections.push(proj);
     }
     let chosen = match args.layer {
         Some(l) => layers.iter().position(|&x| x == l).expect("checked above"),
-        None => (0..fits.len())
-            .max_by(|&a, &b| {
-                let (a, b) = (&fits[a], &fits[b]);
-                a.robust_accuracy
-                    .total_cmp(&b.robust_accuracy)
-                    .then(a.accuracy.total_cmp(&b.accuracy))
-                    .then(b.fpr.total_cmp(&a.fpr))
-                    .then(b.layer.cmp(&a.layer))
-            })
-            .expect("vector files hold at least one layer"),
+        None => most_robust(&fits),
     };
     let gate = &fits[chosen];
-    let (hp, bp) = projections[chosen].split_at(harmful.len());
     let drift_rho = drift_at(gate.layer);
-    let max_margin = projections[chosen].iter().map(|p| (p + gate.bias).abs()).fold(0.0f32, f32::max);
-    let top = max_margin.max(drift_rho.unwrap_or(0.0) as f32 * 1.1);
-    let curve: Vec<(f32, f32)> = (0..=40).map(|i| top * i as f32 / 40.0).map(|r| (r, robust_accuracy(hp, bp, gate.bias, r))).collect();
+    let curve = certified_curve(&projections[chosen], harmful.len(), gate.bias, drift_rho);
 
     let old = vectors.calibration.take();
     let data = match &old {
@@ -152,24 +120,22 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         at.rows().into_iter().map(|r| r.dot(&r).sqrt()).sum::<f32>() / at.nrows() as f32
     };
     let srv_norm = |layer: usize| old.as_ref().and_then(|c| c.layer(layer)).map_or(0.0, |s| s.srv_norm);
+    let stats = |f: &LayerFit| LayerStats {
+        layer: f.layer,
+        bias: f.bias,
+        accuracy: f.accuracy,
+        tpr: f.tpr,
+        fpr: f.fpr,
+        srv_norm: srv_norm(f.layer),
+        mean_norm: mean_norm(f.layer),
+        worst_tpr: f32::NAN,
+    };
     vectors.calibration = Some(Calibration {
         kind: old.as_ref().map_or("srv".into(), |c| c.kind.clone()),
         tool_version: env!("CARGO_PKG_VERSION").into(),
         gate_layer: gate.layer,
         robust_rho: (rho > 0.0).then_some(rho),
-        layers: fits
-            .iter()
-            .map(|f| LayerStats {
-                layer: f.layer,
-                bias: f.bias,
-                accuracy: f.accuracy,
-                tpr: f.tpr,
-                fpr: f.fpr,
-                srv_norm: srv_norm(f.layer),
-                mean_norm: mean_norm(f.layer),
-                worst_tpr: f32::NAN,
-            })
-            .collect(),
+        layers: fits.iter().map(stats).collect(),
         model: model_identity(&model)?,
         data,
         // Re-fitted on `direction.<layer>` at the last token.
@@ -194,17 +160,65 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         println!("wrote {}", args.out.display());
     }
     if let Some(dir) = &args.report {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        inferalign::output::write_bytes(&dir.join("calibrate.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
-        plot::lines(
-            &dir.join("robust.svg"),
-            &format!("certified gate accuracy at layer {} against drift rho (line: measured drift)", gate.layer),
-            "rho (L2 norm of the activation change)",
-            &[("certified accuracy", curve.iter().map(|&(r, a)| (r as f64, a as f64)).collect())],
-            drift_rho,
-        )?;
-        eprintln!("wrote {}", dir.display());
+        write_report(dir, &report, gate.layer, &curve, drift_rho)?;
     }
+    Ok(())
+}
+
+fn read_drift(path: &Path) -> Result<Drift> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a drift.json from `inferalign drift --out`", path.display()))
+}
+
+/// The bias that keeps the most calibration decisions `rho` from flipping at
+/// one layer, given its (harmful, harmless) projections, and how it fares.
+fn fit_layer(layer: usize, (hp, bp): (&[f32], &[f32]), rho: f32, drift_l2: Option<f64>) -> LayerFit {
+    let bias = robust_bias(hp, bp, rho);
+    let scores = |p: &[f32]| p.iter().map(|x| x + bias).collect::<Vec<_>>();
+    let r = rates(&scores(hp), &scores(bp));
+    LayerFit {
+        layer,
+        bias,
+        accuracy: r.accuracy,
+        tpr: r.tpr,
+        fpr: r.fpr,
+        robust_accuracy: robust_accuracy(hp, bp, bias, rho),
+        drift_l2,
+        robust_at_drift: drift_l2.map(|d| robust_accuracy(hp, bp, bias, d as f32)),
+    }
+}
+
+/// The layer with the most certified decisions; then the most accurate, the
+/// fewest false positives, the earliest.
+fn most_robust(fits: &[LayerFit]) -> usize {
+    (0..fits.len())
+        .max_by(|&a, &b| {
+            let (a, b) = (&fits[a], &fits[b]);
+            a.robust_accuracy.total_cmp(&b.robust_accuracy).then(a.accuracy.total_cmp(&b.accuracy)).then(b.fpr.total_cmp(&a.fpr)).then(b.layer.cmp(&a.layer))
+        })
+        .expect("vector files hold at least one layer")
+}
+
+/// Certified accuracy at 41 margins from 0 to past the largest margin (and the measured drift).
+fn certified_curve(projections: &[f32], n_harmful: usize, bias: f32, drift_rho: Option<f64>) -> Vec<(f32, f32)> {
+    let (hp, bp) = projections.split_at(n_harmful);
+    let max_margin = projections.iter().map(|p| (p + bias).abs()).fold(0.0f32, f32::max);
+    let top = max_margin.max(drift_rho.unwrap_or(0.0) as f32 * 1.1);
+    (0..=40).map(|i| top * i as f32 / 40.0).map(|r| (r, robust_accuracy(hp, bp, bias, r))).collect()
+}
+
+/// calibrate.json and robust.svg in `dir`.
+fn write_report(dir: &Path, report: &serde_json::Value, layer: usize, curve: &[(f32, f32)], drift_rho: Option<f64>) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    inferalign::output::write_bytes(&dir.join("calibrate.json"), serde_json::to_string_pretty(report)?.as_bytes())?;
+    plot::lines(
+        &dir.join("robust.svg"),
+        &format!("certified gate accuracy at layer {layer} against drift rho (line: measured drift)"),
+        "rho (L2 norm of the activation change)",
+        &[("certified accuracy", curve.iter().map(|&(r, a)| (r as f64, a as f64)).collect())],
+        drift_rho,
+    )?;
+    eprintln!("wrote {}", dir.display());
     Ok(())
 }
 

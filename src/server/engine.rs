@@ -90,11 +90,13 @@ pub fn run_engine<'m>(
     metrics: &Metrics,
     jobs: std_mpsc::Receiver<Job>,
 ) -> Result<()> {
+    // The gate's opening is the template's, so the cached prefix never holds a request token.
+    let opening = ctx.hook().opening().to_vec();
     let mut engine = Engine::new(model, ctx, parallel);
     if deterministic {
         engine.limit_rows(BATCH_INVARIANT_ROWS);
     } else if engine.mode() != Mode::Always {
-        engine.cache_prefix(&template.opening(model)?)?;
+        engine.cache_prefix(&opening)?;
     }
     let mut live: HashMap<usize, Live> = HashMap::new();
     let mut next_id = 0;
