@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use serde_json::json;
 
-use inferalign::eval::{self, held_out, jailbreak_items, read_jailbreaks, summarise, task_items, Outcome, Set};
+use inferalign::eval::{self, held_out, jailbreak_items, read_jailbreaks, summarise, task_items, Item, Outcome, Set};
 use inferalign::extract::model_identity;
 use inferalign::generate::{self, Event};
 use inferalign::guard::Guard;
@@ -110,28 +110,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     let template = args.model.template(&model, resolved.recorded_template())?;
     resolved.use_template(&model, &template)?;
-    let limit = args.limit.unwrap_or(usize::MAX);
-    let cal = resolved.gate_file.calibration.as_ref();
-
-    let harmful_path = args.harmful.clone().unwrap_or_else(|| inferalign::cache::data_file("advbench.jsonl"));
-    let harmless_path = or_carried(&args.harmless, "harmless.txt")?;
-    let (harmful, skipped_harmful) = held_out(&harmful_path, cal.map(|c| (&c.data.harmful, c.data.seed)))?;
-    let (harmless, skipped_harmless) = held_out(&harmless_path, cal.map(|c| (&c.data.harmless, c.data.seed)))?;
-    let mut items = eval::items(Set::Harmful, &harmful, limit);
-    items.extend(eval::items(Set::Harmless, &harmless, limit));
-    let jailbreak_path = or_carried(&args.jailbreaks, "jailbreaks.jsonl")?;
-    let templates = read_jailbreaks(&jailbreak_path)?;
-    items.extend(jailbreak_items(&harmful, &templates, limit));
-    let tasks_path = or_carried(&args.tasks, "tasks.jsonl")?;
-    items.extend(task_items(inferalign::prompts::read_pairs(&tasks_path)?, limit));
-    items.retain(|item| args.sets.contains(&item.set));
-    eprintln!(
-        "sets: {} harmful (skipped {skipped_harmful} training prompts), {} harmless (skipped {skipped_harmless}), {} jailbreaks, {} tasks",
-        items.iter().filter(|i| i.set == Set::Harmful).count(),
-        items.iter().filter(|i| i.set == Set::Harmless).count(),
-        items.iter().filter(|i| i.set == Set::Jailbreak).count(),
-        items.iter().filter(|i| i.set == Set::Tasks).count()
-    );
+    let sets = load_sets(&args, &resolved)?;
+    let items = &sets.items;
 
     let params = json!({
         "model": model.path.display().to_string(),
@@ -146,10 +126,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "max_tokens": args.sampling.max_tokens,
         "temperature": args.sampling.temp,
         "seed": args.sampling.seed,
-        "harmful": harmful_path.display().to_string(),
-        "harmless": harmless_path.display().to_string(),
-        "jailbreaks": jailbreak_path.display().to_string(),
-        "tasks": tasks_path.display().to_string(),
+        "harmful": sets.paths[0].display().to_string(),
+        "harmless": sets.paths[1].display().to_string(),
+        "jailbreaks": sets.paths[2].display().to_string(),
+        "tasks": sets.paths[3].display().to_string(),
         "limit": args.limit,
         "sets": args.sets,
     });
@@ -166,27 +146,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
             eprintln!("{name}: all {} prompts already done", items.len());
             continue;
         }
-        let mut params_ctx = args.model.context_params();
-        params_ctx.n_seq_max = params_ctx.n_seq_max.max(args.parallel as u32);
-        let mut ctx = Context::new(&model, &params_ctx, mode.hook(&resolved, &model, args.parallel)?, mode != EvalMode::Plain)?;
-        let bar = progress(todo.len() as u64, name);
         let prompts: Vec<Vec<i32>> = todo.iter().map(|&i| tokens[i].clone()).collect();
-        let mut write_error = None;
-        let stats = generate::run(&model, &mut ctx, &prompts, &args.sampling.sampling(), args.parallel, |event| {
-            if let Event::Done { request, generation } = event {
-                let item = &items[todo[request]];
-                let outcome = Outcome::new(name, item, generation.output, generation.gate, generation.steered, generation.tokens.len());
-                if let Err(e) = writeln!(log, "{}", serde_json::to_string(&outcome).expect("serialisable")) {
-                    write_error.get_or_insert(e);
-                }
-                outcomes.push(outcome);
-                bar.inc(1);
-            }
+        let stats = run_mode(name, &args, &model, mode.hook(&resolved, &model, args.parallel)?, mode != EvalMode::Plain, &prompts, |request, generation| {
+            let outcome = Outcome::new(name, &items[todo[request]], generation.output, generation.gate, generation.steered, generation.tokens.len());
+            writeln!(log, "{}", serde_json::to_string(&outcome).expect("serialisable"))?;
+            outcomes.push(outcome);
+            Ok(())
         })?;
-        bar.finish_and_clear();
-        if let Some(e) = write_error {
-            return Err(e).context("cannot append to outputs.jsonl");
-        }
         speeds[name] = json!({
             "prompt_tokens_per_second": stats.prompt_tokens as f64 / stats.prefill_seconds.max(1e-9),
             "generated_tokens_per_second": stats.generated_tokens as f64 / stats.decode_seconds.max(1e-9),
@@ -194,12 +160,82 @@ pub fn run(args: EvalArgs) -> Result<()> {
         });
         inferalign::output::write_bytes(&args.out.join("speed.json"), serde_json::to_string_pretty(&speeds)?.as_bytes())?;
     }
+    write_report(&args.out, &model, &resolved, params, &outcomes, speeds)
+}
 
-    let figures = summarise(&outcomes);
-    let families = inferalign::eval::summarise_families(&outcomes);
+/// The prompts of the chosen sets, and the files of the harmful, harmless,
+/// jailbreak and task sets.
+struct Sets {
+    items: Vec<Item>,
+    paths: [PathBuf; 4],
+}
+
+/// The chosen sets, without the prompts the gate was fitted on.
+fn load_sets(args: &EvalArgs, resolved: &Guard) -> Result<Sets> {
+    let limit = args.limit.unwrap_or(usize::MAX);
+    let cal = resolved.gate_file.calibration.as_ref();
+    let harmful_path = args.harmful.clone().unwrap_or_else(|| inferalign::cache::data_file("advbench.jsonl"));
+    let harmless_path = or_carried(&args.harmless, "harmless.txt")?;
+    let (harmful, skipped_harmful) = held_out(&harmful_path, cal.map(|c| (&c.data.harmful, c.data.seed)))?;
+    let (harmless, skipped_harmless) = held_out(&harmless_path, cal.map(|c| (&c.data.harmless, c.data.seed)))?;
+    let mut items = eval::items(Set::Harmful, &harmful, limit);
+    items.extend(eval::items(Set::Harmless, &harmless, limit));
+    let jailbreak_path = or_carried(&args.jailbreaks, "jailbreaks.jsonl")?;
+    let templates = read_jailbreaks(&jailbreak_path)?;
+    items.extend(jailbreak_items(&harmful, &templates, limit));
+    let tasks_path = or_carried(&args.tasks, "tasks.jsonl")?;
+    items.extend(task_items(inferalign::prompts::read_pairs(&tasks_path)?, limit));
+    items.retain(|item| args.sets.contains(&item.set));
+    let count = |set: Set| items.iter().filter(|i| i.set == set).count();
+    eprintln!(
+        "sets: {} harmful (skipped {skipped_harmful} training prompts), {} harmless (skipped {skipped_harmless}), {} jailbreaks, {} tasks",
+        count(Set::Harmful),
+        count(Set::Harmless),
+        count(Set::Jailbreak),
+        count(Set::Tasks)
+    );
+    Ok(Sets { items, paths: [harmful_path, harmless_path, jailbreak_path, tasks_path] })
+}
+
+/// Answers `prompts` in a context of their own with `hook`, handing each
+/// finished answer (by its index in `prompts`) to `done`.
+fn run_mode(
+    name: &str,
+    args: &EvalArgs,
+    model: &Model,
+    hook: SteerHook,
+    hooked: bool,
+    prompts: &[Vec<i32>],
+    mut done: impl FnMut(usize, generate::Generation) -> std::io::Result<()>,
+) -> Result<generate::RunStats> {
+    let mut params = args.model.context_params();
+    params.n_seq_max = params.n_seq_max.max(args.parallel as u32);
+    let mut ctx = Context::new(model, &params, hook, hooked)?;
+    let bar = progress(prompts.len() as u64, name);
+    let mut write_error = None;
+    let stats = generate::run(model, &mut ctx, prompts, &args.sampling.sampling(), args.parallel, |event| {
+        if let Event::Done { request, generation } = event {
+            if let Err(e) = done(request, generation) {
+                write_error.get_or_insert(e);
+            }
+            bar.inc(1);
+        }
+    })?;
+    bar.finish_and_clear();
+    match write_error {
+        Some(e) => Err(e).context("cannot append to outputs.jsonl"),
+        None => Ok(stats),
+    }
+}
+
+/// report.json, report.md and the plots in `out`; the markdown also on stdout.
+fn write_report(out: &Path, model: &Model, resolved: &Guard, params: serde_json::Value, outcomes: &[Outcome], speeds: serde_json::Value) -> Result<()> {
+    let figures = summarise(outcomes);
+    let families = inferalign::eval::summarise_families(outcomes);
+    let cal = resolved.gate_file.calibration.as_ref();
     let report = json!({
         "tool_version": env!("CARGO_PKG_VERSION"),
-        "model": model_identity(&model)?,
+        "model": model_identity(model)?,
         "params": params,
         "gate_calibration": cal.map(|c| json!({"gate_layer": c.gate_layer, "layers": c.layers})),
         "figures": figures,
@@ -207,12 +243,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "speed": speeds,
         "judge": "refusal phrases in the first 160 characters; degenerate = empty, garbage or repeated n-grams (see `inferalign judge-check`)",
     });
-    inferalign::output::write_bytes(&args.out.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
-    let markdown = report_markdown(&figures, &speeds, &resolved) + &family_markdown(&families);
-    inferalign::output::write_bytes(&args.out.join("report.md"), markdown.as_bytes())?;
-    plots(&args.out, &figures, &outcomes, &resolved)?;
+    inferalign::output::write_bytes(&out.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    let markdown = report_markdown(&figures, &speeds, resolved) + &family_markdown(&families);
+    inferalign::output::write_bytes(&out.join("report.md"), markdown.as_bytes())?;
+    plots(out, &figures, outcomes, resolved)?;
     println!("{markdown}");
-    println!("wrote {}", args.out.display());
+    println!("wrote {}", out.display());
     Ok(())
 }
 
