@@ -1,6 +1,8 @@
 //! Reads the residual stream at each prompt's last token, many prompts per
 //! `llama_decode`, with the shared templated prefix decoded once.
 
+use std::ops::Range;
+
 use anyhow::{bail, Result};
 use half::bf16;
 use indicatif::ProgressBar;
@@ -228,98 +230,137 @@ pub fn decode_prompts<H: BatchAware>(
     progress: &ProgressBar,
 ) -> Result<DecodeStats> {
     let start = std::time::Instant::now();
-    let deepest = offsets.iter().copied().max().unwrap_or(0);
-    if let Some(p) = prompts.iter().position(|p| p.len() <= deepest) {
-        bail!("prompt {} is {} tokens long, too short to read {deepest} tokens before its last", p + 1, prompts[p].len());
-    }
-    let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
-    if !requests.is_empty() && requests.len() != prompts.len() {
-        bail!("{} request starts for {} prompts", requests.len(), prompts.len());
-    }
-    // Request tokens are read in the prompt's own decode, so the shared prefix stops before them.
-    let first_request = requests.iter().copied().min().unwrap_or(usize::MAX);
-    let prefix = if reuse_prefix { shared_prefix_len(prompts).min(shortest - 1 - deepest).min(first_request) } else { 0 };
-    let n_ctx = ctx.n_ctx();
-    if prefix + 1 > n_ctx {
-        bail!("the shared prompt prefix ({prefix} tokens) does not fit the context ({n_ctx})");
-    }
-    let budget = ctx.n_batch().min(n_ctx - prefix);
+    let prefix = checked_prefix(prompts, offsets, requests, reuse_prefix, ctx.n_ctx())?;
+    let budget = ctx.n_batch().min(ctx.n_ctx() - prefix);
     let max_seqs = ctx.n_seq_max() - 1;
-    let mut batch = Batch::new(ctx.n_batch());
-    let mut last_tokens = Vec::new();
-    let mut request_rows = Vec::new();
-    let mut decoded = 0;
-
+    let mut filling = Filling { batch: Batch::new(ctx.n_batch()), last: Vec::new(), request: Vec::new(), outputs: 0, decoded: 0 };
     ctx.clear_memory();
-    let mut flush = |ctx: &mut Context<'_, H>, batch: &mut Batch, last_tokens: &mut Vec<LastToken>, request_rows: &mut Vec<usize>| -> Result<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        ctx.hook_mut().plan(&*batch, &Reads { last: last_tokens, request: request_rows })?;
-        ctx.decode(batch)?;
-        decoded += batch.len();
-        batch.clear();
-        last_tokens.clear();
-        request_rows.clear();
-        Ok(())
-    };
-
     if prefix > 0 {
         for (pos, &token) in prompts[0][..prefix].iter().enumerate() {
-            if batch.len() == batch.capacity() {
-                flush(ctx, &mut batch, &mut last_tokens, &mut request_rows)?;
-            }
-            batch.add(token, pos as i32, 0, false);
+            filling.make_room(ctx)?;
+            filling.batch.add(token, pos as i32, 0, false);
         }
-        flush(ctx, &mut batch, &mut last_tokens, &mut request_rows)?;
+        filling.flush(ctx)?;
     }
-
     let mut next = 0;
     while next < prompts.len() {
-        let mut chunk = Vec::new();
-        let mut tokens = 0;
-        while next < prompts.len() && chunk.len() < max_seqs {
-            let own = prompts[next].len() - prefix;
-            if !chunk.is_empty() && tokens + own > budget {
-                break;
-            }
-            chunk.push(next);
-            tokens += own;
-            next += 1;
-        }
+        let chunk = next_chunk(prompts, next, prefix, max_seqs, budget);
+        next = chunk.end;
         for seq in 1..=chunk.len() as i32 {
             if prefix > 0 {
                 ctx.seq_cp(0, seq, -1, -1);
             }
         }
-        let mut outputs = 0;
-        for (j, &p) in chunk.iter().enumerate() {
-            let own = &prompts[p][prefix..];
-            for (k, &token) in own.iter().enumerate() {
-                if batch.len() == batch.capacity() {
-                    flush(ctx, &mut batch, &mut last_tokens, &mut request_rows)?;
-                    outputs = 0;
-                }
-                if requests.get(p).is_some_and(|&start| prefix + k >= start) {
-                    request_rows.push(batch.len());
-                }
-                let from_end = own.len() - 1 - k;
-                let read = offsets.iter().position(|&o| o == from_end);
-                if let Some(r) = read {
-                    last_tokens.push(LastToken { token_row: batch.len(), output_row: outputs, slot: p * offsets.len() + r });
-                }
-                let output = read.is_some() || from_end == 0;
-                outputs += output as usize;
-                batch.add(token, (prefix + k) as i32, j as i32 + 1, output);
-            }
+        for (j, p) in chunk.clone().enumerate() {
+            let reads = PromptReads { prompt: p, offsets, request_start: requests.get(p).copied() };
+            filling.add_prompt(ctx, &prompts[p], prefix, j as i32 + 1, &reads)?;
         }
-        flush(ctx, &mut batch, &mut last_tokens, &mut request_rows)?;
+        filling.flush(ctx)?;
         for seq in 1..=chunk.len() as i32 {
             ctx.seq_rm(seq, -1, -1);
         }
         progress.inc(chunk.len() as u64);
     }
-    Ok(DecodeStats { prompts: prompts.len(), tokens: decoded, seconds: start.elapsed().as_secs_f64() })
+    Ok(DecodeStats { prompts: prompts.len(), tokens: filling.decoded, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// The prefix every prompt shares that is decoded once (0 without
+/// `reuse_prefix`), after checking that each prompt has the tokens to read
+/// and a request start.
+fn checked_prefix(prompts: &[Vec<i32>], offsets: &[usize], requests: &[usize], reuse_prefix: bool, n_ctx: usize) -> Result<usize> {
+    let deepest = offsets.iter().copied().max().unwrap_or(0);
+    if let Some(p) = prompts.iter().position(|p| p.len() <= deepest) {
+        bail!("prompt {} is {} tokens long, too short to read {deepest} tokens before its last", p + 1, prompts[p].len());
+    }
+    if !requests.is_empty() && requests.len() != prompts.len() {
+        bail!("{} request starts for {} prompts", requests.len(), prompts.len());
+    }
+    let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
+    // Request tokens are read in the prompt's own decode, so the shared prefix stops before them.
+    let first_request = requests.iter().copied().min().unwrap_or(usize::MAX);
+    let prefix = if reuse_prefix { shared_prefix_len(prompts).min(shortest - 1 - deepest).min(first_request) } else { 0 };
+    if prefix + 1 > n_ctx {
+        bail!("the shared prompt prefix ({prefix} tokens) does not fit the context ({n_ctx})");
+    }
+    Ok(prefix)
+}
+
+/// The prompts from `next` on that share one round of sequences: at most
+/// `max_seqs`, and (but for the first) no more than `budget` tokens after the prefix.
+fn next_chunk(prompts: &[Vec<i32>], next: usize, prefix: usize, max_seqs: usize, budget: usize) -> Range<usize> {
+    let mut end = next;
+    let mut tokens = 0;
+    while end < prompts.len() && end - next < max_seqs {
+        let own = prompts[end].len() - prefix;
+        if end > next && tokens + own > budget {
+            break;
+        }
+        tokens += own;
+        end += 1;
+    }
+    next..end
+}
+
+/// What the hook reads of one prompt: the tokens `offsets` before its last,
+/// into the capture rows of `prompt`, and every token from `request_start` on.
+struct PromptReads<'a> {
+    prompt: usize,
+    offsets: &'a [usize],
+    request_start: Option<usize>,
+}
+
+/// A batch being filled, with the reads planned in it.
+struct Filling {
+    batch: Batch,
+    last: Vec<LastToken>,
+    request: Vec<usize>,
+    /// Rows so far that request output.
+    outputs: usize,
+    decoded: usize,
+}
+
+impl Filling {
+    /// Decodes what the batch holds, the hook reading what was planned.
+    fn flush<H: BatchAware>(&mut self, ctx: &mut Context<'_, H>) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        ctx.hook_mut().plan(&self.batch, &Reads { last: &self.last, request: &self.request })?;
+        ctx.decode(&mut self.batch)?;
+        self.decoded += self.batch.len();
+        self.batch.clear();
+        self.last.clear();
+        self.request.clear();
+        self.outputs = 0;
+        Ok(())
+    }
+
+    fn make_room<H: BatchAware>(&mut self, ctx: &mut Context<'_, H>) -> Result<()> {
+        if self.batch.len() == self.batch.capacity() {
+            self.flush(ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Adds `prompt` after its first `prefix` tokens to sequence `seq`.
+    fn add_prompt<H: BatchAware>(&mut self, ctx: &mut Context<'_, H>, prompt: &[i32], prefix: usize, seq: i32, reads: &PromptReads) -> Result<()> {
+        let own = &prompt[prefix..];
+        for (k, &token) in own.iter().enumerate() {
+            self.make_room(ctx)?;
+            if reads.request_start.is_some_and(|start| prefix + k >= start) {
+                self.request.push(self.batch.len());
+            }
+            let from_end = own.len() - 1 - k;
+            let read = reads.offsets.iter().position(|&o| o == from_end);
+            if let Some(r) = read {
+                self.last.push(LastToken { token_row: self.batch.len(), output_row: self.outputs, slot: reads.prompt * reads.offsets.len() + r });
+            }
+            let output = read.is_some() || from_end == 0;
+            self.outputs += usize::from(output);
+            self.batch.add(token, (prefix + k) as i32, seq, output);
+        }
+        Ok(())
+    }
 }
 
 /// Activations `[prompt * offsets.len() + i, layer, n_embd]` of the given
