@@ -523,75 +523,20 @@ async fn respond(state: AppState, input: Input, options: Options, kind: Kind) ->
         Reply::Rejected(e) => return Err(e),
         other => unreachable!("a request starts with Started or Rejected, not {other:?}"),
     };
-    let id = format!("{}-{}", if matches!(kind, Kind::Chat) { "chatcmpl" } else { "cmpl" }, rand::random::<u64>());
-    let info = json!({"gate": gate, "steered": steered, "mode": state.mode});
-    let mut headers = HeaderMap::new();
-    headers.insert("x-inferalign-steered", HeaderValue::from_static(if steered { "true" } else { "false" }));
-    if let Some(gate) = gate {
-        headers.insert("x-inferalign-gate-score", HeaderValue::from_str(&format!("{:.4}", gate.score)).expect("ascii"));
-        headers.insert("x-inferalign-gate", HeaderValue::from_static(if gate.harmful { "fired" } else { "closed" }));
-    }
-    let envelope = move |object: &str, choice: Value| {
-        json!({"id": id, "object": object, "created": unix_time(), "model": state.model_id, "choices": [choice], "inferalign": info})
+    let envelope = Envelope {
+        kind,
+        id: format!("{}-{}", if matches!(kind, Kind::Chat) { "chatcmpl" } else { "cmpl" }, rand::random::<u64>()),
+        model: state.model_id.clone(),
+        info: json!({"gate": gate, "steered": steered, "mode": state.mode}),
+        prompt_tokens,
     };
-    let usage = move |completion_tokens: usize| {
-        json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
-    };
-
+    let headers = gate_headers(gate, steered);
     if !options.stream {
-        let mut text = String::new();
-        while let Some(reply) = rx.recv().await {
-            match reply {
-                Reply::Text(t) => text.push_str(&t),
-                Reply::Done { finish_reason, completion_tokens } => {
-                    let mut body = envelope(kind.object(false), kind.choice(&text, Some(finish_reason), false, true));
-                    body["usage"] = usage(completion_tokens);
-                    return Ok((headers, Json(body)).into_response());
-                }
-                Reply::Rejected(e) => return Err(e),
-                other => unreachable!("unexpected {other:?} after Started"),
-            }
-        }
-        return Err(ApiError::engine_gone());
+        return Ok((headers, Json(whole_answer(rx, &envelope).await?)).into_response());
     }
-
     let include_usage = options.stream_options.is_some_and(|o| o.include_usage);
     let (events, stream) = mpsc::unbounded_channel::<Value>();
-    tokio::spawn(async move {
-        // A failed send means the client is gone: returning drops `rx`, which frees its slot.
-        if events.send(envelope(kind.object(true), kind.choice("", None, true, true))).is_err() {
-            return;
-        }
-        while let Some(reply) = rx.recv().await {
-            let chunk = match reply {
-                Reply::Text(t) => {
-                    // The gate's verdict rides on the first and the last chunk only.
-                    let mut chunk = envelope(kind.object(true), kind.choice(&t, None, true, false));
-                    chunk.as_object_mut().expect("object").remove("inferalign");
-                    chunk
-                }
-                Reply::Done { finish_reason, completion_tokens } => {
-                    let _ = events.send(envelope(kind.object(true), kind.choice("", Some(finish_reason), true, false)));
-                    if include_usage {
-                        let mut last = envelope(kind.object(true), Value::Null);
-                        last["choices"] = json!([]);
-                        last["usage"] = usage(completion_tokens);
-                        let _ = events.send(last);
-                    }
-                    let _ = events.send(Value::String("[DONE]".into()));
-                    return;
-                }
-                Reply::Rejected(e) => {
-                    let _ = events.send(e.body());
-                    return;
-                }
-                other => unreachable!("unexpected {other:?} after Started"),
-            };
-            if events.send(chunk).is_err() {
-                return;
-            }
-        }
-    });
+    tokio::spawn(stream_answer(rx, envelope, include_usage, events));
     let stream = UnboundedReceiverStream::new(stream).map(|v| {
         let data = match v {
             Value::String(done) => done,
@@ -600,6 +545,94 @@ async fn respond(state: AppState, input: Input, options: Options, kind: Kind) ->
         Ok::<_, Infallible>(SseEvent::default().data(data))
     });
     Ok((headers, Sse::new(stream).keep_alive(KeepAlive::default())).into_response())
+}
+
+/// What every object of one answer carries.
+struct Envelope {
+    kind: Kind,
+    id: String,
+    model: String,
+    /// The gate's verdict.
+    info: Value,
+    prompt_tokens: usize,
+}
+
+impl Envelope {
+    fn wrap(&self, stream: bool, choice: Value) -> Value {
+        json!({"id": self.id, "object": self.kind.object(stream), "created": unix_time(), "model": self.model, "choices": [choice], "inferalign": self.info})
+    }
+
+    fn usage(&self, completion_tokens: usize) -> Value {
+        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": self.prompt_tokens + completion_tokens})
+    }
+}
+
+/// `x-inferalign-*` headers: whether the answer is steered, and the gate's verdict and score.
+fn gate_headers(gate: Option<GateDecision>, steered: bool) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("x-inferalign-steered", HeaderValue::from_static(if steered { "true" } else { "false" }));
+    if let Some(gate) = gate {
+        headers.insert("x-inferalign-gate-score", HeaderValue::from_str(&format!("{:.4}", gate.score)).expect("ascii"));
+        headers.insert("x-inferalign-gate", HeaderValue::from_static(if gate.harmful { "fired" } else { "closed" }));
+    }
+    headers
+}
+
+/// The whole answer as one object, once the engine is done with it.
+async fn whole_answer(mut rx: mpsc::UnboundedReceiver<Reply>, envelope: &Envelope) -> Result<Value, ApiError> {
+    let mut text = String::new();
+    while let Some(reply) = rx.recv().await {
+        match reply {
+            Reply::Text(t) => text.push_str(&t),
+            Reply::Done { finish_reason, completion_tokens } => {
+                let mut body = envelope.wrap(false, envelope.kind.choice(&text, Some(finish_reason), false, true));
+                body["usage"] = envelope.usage(completion_tokens);
+                return Ok(body);
+            }
+            Reply::Rejected(e) => return Err(e),
+            other => unreachable!("unexpected {other:?} after Started"),
+        }
+    }
+    Err(ApiError::engine_gone())
+}
+
+/// Sends the answer to `events` chunk by chunk as the engine makes it, then
+/// `[DONE]` (or the error that ended it).
+async fn stream_answer(mut rx: mpsc::UnboundedReceiver<Reply>, envelope: Envelope, include_usage: bool, events: mpsc::UnboundedSender<Value>) {
+    let kind = envelope.kind;
+    // A failed send means the client is gone: returning drops `rx`, which frees its slot.
+    if events.send(envelope.wrap(true, kind.choice("", None, true, true))).is_err() {
+        return;
+    }
+    while let Some(reply) = rx.recv().await {
+        let chunk = match reply {
+            Reply::Text(t) => {
+                // The gate's verdict rides on the first and the last chunk only.
+                let mut chunk = envelope.wrap(true, kind.choice(&t, None, true, false));
+                chunk.as_object_mut().expect("object").remove("inferalign");
+                chunk
+            }
+            Reply::Done { finish_reason, completion_tokens } => {
+                let _ = events.send(envelope.wrap(true, kind.choice("", Some(finish_reason), true, false)));
+                if include_usage {
+                    let mut last = envelope.wrap(true, Value::Null);
+                    last["choices"] = json!([]);
+                    last["usage"] = envelope.usage(completion_tokens);
+                    let _ = events.send(last);
+                }
+                let _ = events.send(Value::String("[DONE]".into()));
+                return;
+            }
+            Reply::Rejected(e) => {
+                let _ = events.send(e.body());
+                return;
+            }
+            other => unreachable!("unexpected {other:?} after Started"),
+        };
+        if events.send(chunk).is_err() {
+            return;
+        }
+    }
 }
 
 fn unix_time() -> u64 {
