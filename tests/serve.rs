@@ -427,7 +427,8 @@ fn a_request_in_an_earlier_turn_or_the_system_message_still_fires_the_gate() {
 
 /// Requests with a system message of their own do not share the template's
 /// cached prefix, yet its cells stay taken: answers that run to the end of
-/// their share of the context still fit beside it, and the server goes on.
+/// their share of the context (as /props gives it) still fit beside it, and
+/// the server goes on.
 #[test]
 fn answers_that_fill_their_share_fit_beside_the_cached_prefix() {
     let server = start_server(QWEN, &["--parallel", "2", "--mode", "plain", "--ctx-size", "256"]);
@@ -436,9 +437,13 @@ fn answers_that_fill_their_share_fit_beside_the_cached_prefix() {
         let asks: Vec<_> = (0..2).map(|_| s.spawn(|| agent().post(&format!("{}/v1/chat/completions", server.url)).send_json(body.clone()).unwrap().into_json::<Value>().unwrap())).collect();
         asks.into_iter().map(|a| a.join().unwrap()).collect()
     });
+    // /props says how much of the context a request gets, the cached prefix left out.
+    let props: Value = agent().get(&format!("{}/props", server.url)).call().unwrap().into_json().unwrap();
+    let share = props["n_ctx_per_request"].as_u64().unwrap();
+    assert!(share > 100, "{props}");
     for reply in &replies {
         assert_eq!(reply["choices"][0]["finish_reason"], "length", "{reply}");
-        assert!(reply["usage"]["total_tokens"].as_u64().unwrap() > 100, "{reply}");
+        assert_eq!(reply["usage"]["total_tokens"].as_u64().unwrap(), share, "{reply}");
     }
     assert!(!content(&chat(&server.url, "Reply with the single word yes.", 4)).is_empty());
 }

@@ -5,11 +5,12 @@ use std::sync::mpsc;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use inferalign::llama::{Context, ContextParams, Model};
-use inferalign::guard::describe_strength;
+use inferalign::guard::{describe_strength, Guard};
 use inferalign::server::{router, run_engine, serve_http, shutdown_signal, warm_up, Limits, Metrics, ServeOptions};
+use inferalign::prompts::Template;
 use inferalign::steer::Mode;
 
 use super::steer_args::GuardArgs;
@@ -66,14 +67,7 @@ pub fn batch_invariant(params: ContextParams, parallel: usize) -> ContextParams 
 }
 
 pub fn run(mut args: ServeArgs) -> Result<()> {
-    anyhow::ensure!(args.parallel >= 1, "--parallel must be at least 1");
-    anyhow::ensure!(
-        args.parallel as u32 <= args.guard.model.batch_size,
-        "--parallel {} is more than the batch size -b {}: every request needs a row in each decode",
-        args.parallel,
-        args.guard.model.batch_size
-    );
-    anyhow::ensure!(args.max_connections >= 1 && args.header_timeout >= 1, "--max-connections and --header-timeout must be at least 1");
+    check(&args)?;
     // Repacked weights go through multi-row matmul kernels that round
     // differently from the one-row kernel a request alone gets: with them on,
     // 11 of 48 greedy answers changed under load even at 4 requests per call.
@@ -86,25 +80,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     let deterministic = args.deterministic;
     let model_id = args.alias.clone().unwrap_or_else(|| model_name(&model));
     let metrics = Metrics::new()?;
-    let props = json!({
-        "model": model_id,
-        "model_path": model.path.display().to_string(),
-        "n_ctx": params.n_ctx,
-        "n_ctx_per_request": params.n_ctx as usize / args.parallel,
-        "total_slots": args.parallel,
-        "chat_template": template.name,
-        "deterministic": args.deterministic,
-        "inferalign": {
-            "mode": format!("{mode:?}").to_lowercase(),
-            "gate_file": resolved.gate_path.display().to_string(),
-            "gate_layer": resolved.gate.layer(),
-            "gate_terms": resolved.gate.describe(),
-            "gate_bias": resolved.gate.bias,
-            "steer_file": resolved.steer_path.display().to_string(),
-            "steering": describe_strength(resolved.steering.strength),
-            "steered_layers": resolved.steering.layers,
-        },
-    });
+    let props = props(&args, &model_id, &model, &resolved, &template, &params);
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let listener = runtime
@@ -156,6 +132,44 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         let engine = engine.join().expect("the engine thread panicked");
         served.context("the HTTP server failed")?;
         engine.context("the engine stopped")
+    })
+}
+
+/// Flags that cannot work together, said before the model loads.
+fn check(args: &ServeArgs) -> Result<()> {
+    anyhow::ensure!(args.parallel >= 1, "--parallel must be at least 1");
+    anyhow::ensure!(
+        args.parallel as u32 <= args.guard.model.batch_size,
+        "--parallel {} is more than the batch size -b {}: every request needs a row in each decode",
+        args.parallel,
+        args.guard.model.batch_size
+    );
+    anyhow::ensure!(args.max_connections >= 1 && args.header_timeout >= 1, "--max-connections and --header-timeout must be at least 1");
+    Ok(())
+}
+
+/// What `/props` says: the model, the context each request gets, the template and the guard.
+fn props(args: &ServeArgs, model_id: &str, model: &Model, resolved: &Guard, template: &Template, params: &ContextParams) -> Value {
+    // The engine keeps the template's opening cached beside the requests' shares, but for --deterministic and always mode.
+    let cached = if args.deterministic || resolved.mode == Mode::Always { 0 } else { resolved.opening.len() };
+    json!({
+        "model": model_id,
+        "model_path": model.path.display().to_string(),
+        "n_ctx": params.n_ctx,
+        "n_ctx_per_request": (params.n_ctx as usize).saturating_sub(cached) / args.parallel,
+        "total_slots": args.parallel,
+        "chat_template": template.name,
+        "deterministic": args.deterministic,
+        "inferalign": {
+            "mode": format!("{:?}", resolved.mode).to_lowercase(),
+            "gate_file": resolved.gate_path.display().to_string(),
+            "gate_layer": resolved.gate.layer(),
+            "gate_terms": resolved.gate.describe(),
+            "gate_bias": resolved.gate.bias,
+            "steer_file": resolved.steer_path.display().to_string(),
+            "steering": describe_strength(resolved.steering.strength),
+            "steered_layers": resolved.steering.layers,
+        },
     })
 }
 
