@@ -27,10 +27,13 @@ const COMPLYING: &[&str] = &[
     "Sure thing! First,",
 ];
 
+/// Token lists, one per prompt.
+pub type Prompts = Vec<Vec<i32>>;
+
 /// Every instruction templated and answered with a refusal opener, then every
 /// one with a compliance opener (openers in rotation, offset between the two
 /// lists so pairs vary).
-pub fn continued(model: &Model, template: &Template, instructions: &[String], n_ctx: usize) -> Result<(Vec<Vec<i32>>, Vec<Vec<i32>>)> {
+pub fn continued(model: &Model, template: &Template, instructions: &[String], n_ctx: usize) -> Result<(Prompts, Prompts)> {
     let answered = |openers: &'static [&'static str], shift: usize| prepare_opened(model, template, instructions, |i| openers[(i + shift) % openers.len()], n_ctx);
     Ok((answered(REFUSING, 0)?, answered(COMPLYING, 2)?))
 }

@@ -97,7 +97,7 @@ struct DecodeMode {
 pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 0 { (v[n / 2 - 1] + v[n / 2]) / 2.0 } else { v[n / 2] }
+    if n.is_multiple_of(2) { (v[n / 2 - 1] + v[n / 2]) / 2.0 } else { v[n / 2] }
 }
 
 fn mode(name: &'static str, runs: &[DecodeStats]) -> DecodeMode {
@@ -203,7 +203,7 @@ struct StockRun {
 
 impl StockRun {
     fn new(tool: &std::path::Path, model: &inferalign::llama::Model, template: &inferalign::prompts::Template, prompts: &[String], params: &inferalign::llama::ContextParams) -> Result<StockRun> {
-        anyhow::ensure!(prompts.len() % 2 == 0, "--cvector-generator pairs the prompts: give an even --count");
+        anyhow::ensure!(prompts.len().is_multiple_of(2), "--cvector-generator pairs the prompts: give an even --count");
         let dir = tempfile::tempdir()?;
         // The tool reads one prompt a line, with `\n` standing for a newline.
         let texts = prompts.iter().map(|p| Ok(template.apply_chat(model, &[("user", p)])?.replace('\n', "\\n"))).collect::<Result<Vec<_>>>()?;
