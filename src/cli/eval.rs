@@ -100,6 +100,25 @@ pub fn or_carried(path: &Option<PathBuf>, name: &str) -> Result<PathBuf> {
     path.clone().map_or_else(|| inferalign::embedded::data(name), Ok)
 }
 
+/// Harmful and harmless prompts the gate was not fitted on, from their files
+/// (AdvBench from the set-up cache and the carried harmless set by default).
+pub struct Unfitted {
+    pub harmful: Vec<String>,
+    pub harmless: Vec<String>,
+    /// Training prompts left out of each.
+    pub skipped: [usize; 2],
+    pub paths: [PathBuf; 2],
+}
+
+pub fn unfitted(harmful: &Option<PathBuf>, harmless: &Option<PathBuf>, resolved: &Guard) -> Result<Unfitted> {
+    let cal = resolved.gate_file.calibration.as_ref();
+    let harmful_path = harmful.clone().unwrap_or_else(|| inferalign::cache::data_file("advbench.jsonl"));
+    let harmless_path = or_carried(harmless, "harmless.txt")?;
+    let (harmful, skipped_harmful) = held_out(&harmful_path, cal.map(|c| (&c.data.harmful, c.data.seed)))?;
+    let (harmless, skipped_harmless) = held_out(&harmless_path, cal.map(|c| (&c.data.harmless, c.data.seed)))?;
+    Ok(Unfitted { harmful, harmless, skipped: [skipped_harmful, skipped_harmless], paths: [harmful_path, harmless_path] })
+}
+
 pub fn run(args: EvalArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let model = args.model.load()?;
@@ -173,11 +192,7 @@ struct Sets {
 /// The chosen sets, without the prompts the gate was fitted on.
 fn load_sets(args: &EvalArgs, resolved: &Guard) -> Result<Sets> {
     let limit = args.limit.unwrap_or(usize::MAX);
-    let cal = resolved.gate_file.calibration.as_ref();
-    let harmful_path = args.harmful.clone().unwrap_or_else(|| inferalign::cache::data_file("advbench.jsonl"));
-    let harmless_path = or_carried(&args.harmless, "harmless.txt")?;
-    let (harmful, skipped_harmful) = held_out(&harmful_path, cal.map(|c| (&c.data.harmful, c.data.seed)))?;
-    let (harmless, skipped_harmless) = held_out(&harmless_path, cal.map(|c| (&c.data.harmless, c.data.seed)))?;
+    let Unfitted { harmful, harmless, skipped: [skipped_harmful, skipped_harmless], paths: [harmful_path, harmless_path] } = unfitted(&args.harmful, &args.harmless, resolved)?;
     let mut items = eval::items(Set::Harmful, &harmful, limit);
     items.extend(eval::items(Set::Harmless, &harmless, limit));
     let jailbreak_path = or_carried(&args.jailbreaks, "jailbreaks.jsonl")?;
