@@ -113,13 +113,7 @@ fn mode(name: &'static str, runs: &[DecodeStats]) -> DecodeMode {
 fn extract_bench(args: ExtractBench) -> Result<()> {
     anyhow::ensure!(args.runs > 0 && args.count > 0, "--runs and --count must be at least 1");
     let files = args.prompts.iter().map(|p| read_prompts(p)).collect::<Result<Vec<_>>>()?;
-    let mut prompts = Vec::new();
-    for i in 0.. {
-        if prompts.len() == args.count || files.iter().all(|f| i >= f.len()) {
-            break;
-        }
-        prompts.extend(files.iter().filter_map(|f| f.get(i).cloned()).take(args.count - prompts.len()));
-    }
+    let prompts = in_turn(&files, args.count);
     let model = args.model.load()?;
     let template = args.model.template(&model, None)?;
     let tokens = prepare(&model, &template, &prompts, args.model.ctx_size as usize)?;
@@ -171,11 +165,24 @@ fn extract_bench(args: ExtractBench) -> Result<()> {
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
+    } else {
+        println!("{} prompts, {} threads, medians of {} runs", prompts.len(), params.n_threads, args.runs);
+        print_extract_table(&modes, stock_seconds);
     }
-    println!("{} prompts, {} threads, medians of {} runs", prompts.len(), params.n_threads, args.runs);
+    Ok(())
+}
+
+/// Up to `count` prompts, one from each file in turn.
+fn in_turn(files: &[Vec<String>], count: usize) -> Vec<String> {
+    let longest = files.iter().map(Vec::len).max().unwrap_or(0);
+    (0..longest).flat_map(|i| files.iter().filter_map(move |f| f.get(i).cloned())).take(count).collect()
+}
+
+/// Each mode against the first (plain prefill), and stock llama.cpp's wall time.
+fn print_extract_table(modes: &[DecodeMode], stock_seconds: Option<f64>) {
+    let base = &modes[0];
     println!("{:<34} {:>8} {:>10} {:>10} {:>8} {:>8}", "mode", "tokens", "seconds", "tok/s", "tok/s x", "time x");
-    for m in &modes {
+    for m in modes {
         println!(
             "{:<34} {:>8} {:>10.2} {:>10.1} {:>8.3} {:>8.3}",
             m.name,
@@ -190,7 +197,6 @@ fn extract_bench(args: ExtractBench) -> Result<()> {
         println!("{:<34} {:>8} {:>10.2} {:>10} {:>8} {:>8.3}", "stock llama-cvector-generator", "-", seconds, "-", "-", seconds / base.median_seconds);
         println!("extract / stock wall time: {:.3}", modes[2].median_seconds / seconds);
     }
-    Ok(())
 }
 
 /// Stock `llama-cvector-generator --method mean` over the benchmark's
@@ -277,18 +283,7 @@ fn generate_bench(args: GenerateBench) -> Result<()> {
         names.push(name);
     }
     let mut engines: Vec<Engine> = contexts.iter_mut().map(|ctx| Engine::new(&model, ctx, 1)).collect();
-    let mut runs: Vec<Vec<RunStats>> = vec![vec![RunStats::default(); args.runs]; engines.len()];
-    for run in 0..args.runs {
-        eprintln!("run {}/{}", run + 1, args.runs);
-        // The modes take turns on each prompt, in rotating order, so the
-        // machine's warm-up and drift fall on all of them alike.
-        let n = engines.len();
-        for (p, prompt) in tokens.iter().enumerate() {
-            for i in (0..n).map(|k| (k + run + p) % n) {
-                runs[i][run] += engines[i].run(std::slice::from_ref(prompt), &sampling, |_| {})?;
-            }
-        }
-    }
+    let runs = time_in_turns(&mut engines, &tokens, &sampling, args.runs)?;
     let rate = |s: &RunStats, prefill: bool| {
         if prefill { s.prompt_tokens as f64 / s.prefill_seconds.max(1e-9) } else { s.generated_tokens as f64 / s.decode_seconds.max(1e-9) }
     };
@@ -331,9 +326,34 @@ fn generate_bench(args: GenerateBench) -> Result<()> {
     Ok(())
 }
 
+/// `runs` runs of every prompt on every engine: `[engine][run]`. The engines
+/// take turns on each prompt, in rotating order, so the machine's warm-up and
+/// drift fall on all of them alike.
+fn time_in_turns(engines: &mut [Engine], tokens: &[Vec<i32>], sampling: &Sampling, runs: usize) -> Result<Vec<Vec<RunStats>>> {
+    let n = engines.len();
+    let mut stats = vec![vec![RunStats::default(); runs]; n];
+    for run in 0..runs {
+        eprintln!("run {}/{runs}", run + 1);
+        for (p, prompt) in tokens.iter().enumerate() {
+            for i in (0..n).map(|k| (k + run + p) % n) {
+                stats[i][run] += engines[i].run(std::slice::from_ref(prompt), sampling, |_| {})?;
+            }
+        }
+    }
+    Ok(stats)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{in_turn, median};
+
+    #[test]
+    fn prompts_come_from_each_file_in_turn_until_the_count() {
+        let files = [vec!["a1".to_string(), "a2".into(), "a3".into()], vec!["b1".to_string()]];
+        assert_eq!(in_turn(&files, 3), ["a1", "b1", "a2"]);
+        assert_eq!(in_turn(&files, 10), ["a1", "b1", "a2", "a3"]);
+        assert!(in_turn(&[], 5).is_empty());
+    }
 
     #[test]
     fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
