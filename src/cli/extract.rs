@@ -137,7 +137,7 @@ pub fn run(args: ExtractArgs) -> Result<()> {
 /// Candidates under the plain-TPR floor rank after all others.
 fn print_ranked(ranked: &[Candidate]) {
     println!("\ncandidate gates, best first (cross-validated; the first is the gate):");
-    println!("{:<44}  {:>9}  {:>12}  {:>8}  FPR plain / wrapped / multi-turn", "terms", "plain TPR", "worst family", "mean TPR");
+    println!("{:<44}  {:>9}  {:>12}  {:>8}  FPR plain / wrapped / multi-turn*", "terms", "plain TPR", "worst family", "mean TPR");
     for c in ranked {
         let v = &c.validation;
         let [plain, wrapped, multi] = v.fpr.map(|f| 100.0 * f);
@@ -149,7 +149,11 @@ fn print_ranked(ranked: &[Candidate]) {
             100.0 * v.mean_tpr
         );
     }
+    println!("{MULTI_TURN_NOTE}");
 }
+
+/// What the multi-turn FPR measures, and what it leaves out.
+pub const MULTI_TURN_NOTE: &str = "* multi-turn: harmless requests after a harmful turn, their last turn read alone; served, the gate reads the whole conversation and flags about half of these (README, Conversations)";
 
 /// Training instructions per class of the shipped Qwen file; with 64 the
 /// gate flagged 93-97% of wrapped harmful prompts on three sets against

@@ -8,6 +8,8 @@ use clap::Args;
 use inferalign::gate::{Read, Term};
 use inferalign::vectors::{Calibration, VectorFile};
 
+use super::extract::MULTI_TURN_NOTE;
+
 #[derive(Args)]
 pub struct InspectArgs {
     /// Vector file (GGUF control vector)
@@ -108,8 +110,9 @@ pub fn print_layer_table(cal: &Calibration) {
         println!("  {:<28}{:>8}", "worst family", pct(present.iter().copied().fold(1.0, f32::min)));
     }
     if let Some((_, fpr)) = &g.chosen {
-        let names = ["plain", "wrapped", "multi-turn"];
+        let names = ["plain", "wrapped", "multi-turn*"];
         println!("FPR on harmless prompts left out: {}", fpr.iter().zip(names).map(|(f, n)| format!("{n} {}", pct(*f).trim())).collect::<Vec<_>>().join(", "));
+        println!("{MULTI_TURN_NOTE}");
     }
     if let Some((tpr, fpr)) = g.held_out {
         println!("final gate on plain held-out prompts: TPR {:.1}%, FPR {:.1}%", 100.0 * tpr, 100.0 * fpr);
