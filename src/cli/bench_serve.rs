@@ -192,19 +192,7 @@ pub(super) fn bench_prompts(requests: usize, passes: usize) -> Result<Vec<Vec<St
 pub fn serve_bench(args: ServeBench) -> Result<()> {
     anyhow::ensure!(args.clients > 0 && args.requests > 0 && args.runs > 0, "--clients, --requests and --runs must be at least 1");
     let prompts = bench_prompts(args.requests, 2 * args.runs)?;
-    // Both servers get the same thread count, whatever each would pick alone.
-    let mut model = args.model.clone();
-    model.threads = Some(model.threads.unwrap_or_else(default_threads));
-    let mut server_args: Vec<std::ffi::OsString> = vec!["--parallel".into(), args.parallel.to_string().into()];
-    if args.deterministic {
-        server_args.push("--deterministic".into());
-    }
-    server_args.extend(model.as_args());
-    let stock = match &args.against {
-        Some(exe) => Some(ServerProcess::start_llama_server(exe, llama_server_args(&model, args.parallel)?)?),
-        None => None,
-    };
-    let server = ServerProcess::start(&std::env::current_exe()?, server_args)?;
+    let (server, stock) = start_servers(&args)?;
     eprintln!("server at {}; {} new requests one at a time, then {} more from {} clients, {} round(s)", server.url, args.requests, args.requests, args.clients, args.runs);
 
     // The servers take turns going first, so a slow spell of the machine hits both.
@@ -225,18 +213,8 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
     drop(stock);
 
     let [(alone, alone_answers), (together, together_answers)] = &ours[0];
-    let lost = together_answers.iter().filter(|a| a.is_none()).count();
-    let mismatched: Vec<usize> = (0..args.requests)
-        .filter(|&i| match (&alone_again[i], &together_answers[i]) {
-            (Some(a), Some(b)) => a.text != b.text || a.steered != b.steered,
-            _ => false,
-        })
-        .collect();
-    let steered = together_answers.iter().flatten().filter(|a| a.steered == Some(true)).count();
+    let checks = Checks::new(together_answers, &alone_again);
     let errors: usize = ours.iter().chain(&theirs).flatten().map(|(p, _)| p.errors).sum();
-    fn passes(rounds: &[[(Pass, Answers); 2]]) -> Vec<[&Pass; 2]> {
-        rounds.iter().map(|r| [&r[0].0, &r[1].0]).collect()
-    }
     let ratio = |k: usize| median(ours.iter().zip(&theirs).map(|(o, t)| o[k].0.tokens_per_second / t[k].0.tokens_per_second).collect());
     let stock_report = theirs.first().map(|t| {
         // The same prompts must reach both models as the same tokens.
@@ -261,42 +239,92 @@ pub fn serve_bench(args: ServeBench) -> Result<()> {
         "rounds": passes(&ours),
         "requests_per_second_ratio": together.requests_per_second / alone.requests_per_second,
         "tokens_per_second_ratio": together.tokens_per_second / alone.tokens_per_second,
-        "lost": lost,
-        "mismatched": mismatched,
-        "steered": steered,
+        "lost": checks.lost,
+        "mismatched": checks.mismatched,
+        "steered": checks.steered,
         "llama_server": stock_report,
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        let each = if args.natural_length { "at most" } else { "exactly" };
-        println!("{} new requests a pass ({} harmful), --parallel {}, {each} {} tokens each", args.requests, args.requests / 4, args.parallel, args.max_tokens);
-        println!("{:<18} {:>5} {:>8} {:>9} {:>10} {:>7}", "server", "clients", "seconds", "req/s", "tok/s", "errors");
-        let named = [("inferalign", &ours)].into_iter().chain(theirs.first().map(|_| ("llama-server", &theirs)));
-        for (name, rounds) in named {
-            for p in rounds.iter().flatten().map(|(p, _)| p) {
-                println!("{name:<18} {:>5} {:>8.2} {:>9.2} {:>10.1} {:>7}", p.clients, p.seconds, p.requests_per_second, p.tokens_per_second, p.errors);
-            }
-        }
-        println!("lost {lost}, answers differing from one-at-a-time {}, steered {steered}", mismatched.len());
-        if let Some(s) = &stock_report {
-            println!(
-                "tokens/s against llama-server (median of {} rounds): {:.3} one at a time, {:.3} with {} clients; prompts of equal token count: {} of {}",
-                theirs.len(),
-                number(&s["tokens_per_second_ratio_one_at_a_time"]),
-                number(&s["tokens_per_second_ratio_concurrent"]),
-                args.clients,
-                s["same_prompt_tokens"],
-                args.requests
-            );
-        }
+        print_table(&args, &ours, &theirs, &checks, stock_report.as_ref());
     }
     // Without --deterministic, llama.cpp's kernels round with the batch's make-up,
     // so answers may differ; they are reported, not a failure.
-    if errors + lost > 0 || (args.deterministic && !mismatched.is_empty()) {
-        bail!("the load test failed: {errors} errors, {lost} lost, {} mismatched answers", mismatched.len());
+    if errors + checks.lost > 0 || (args.deterministic && !checks.mismatched.is_empty()) {
+        bail!("the load test failed: {errors} errors, {} lost, {} mismatched answers", checks.lost, checks.mismatched.len());
     }
     Ok(())
+}
+
+/// Our server, and with --against stock llama-server, on the same model and threads.
+fn start_servers(args: &ServeBench) -> Result<(ServerProcess, Option<ServerProcess>)> {
+    // Both servers get the same thread count, whatever each would pick alone.
+    let mut model = args.model.clone();
+    model.threads = Some(model.threads.unwrap_or_else(default_threads));
+    let mut server_args: Vec<std::ffi::OsString> = vec!["--parallel".into(), args.parallel.to_string().into()];
+    if args.deterministic {
+        server_args.push("--deterministic".into());
+    }
+    server_args.extend(model.as_args());
+    let stock = match &args.against {
+        Some(exe) => Some(ServerProcess::start_llama_server(exe, llama_server_args(&model, args.parallel)?)?),
+        None => None,
+    };
+    Ok((ServerProcess::start(&std::env::current_exe()?, server_args)?, stock))
+}
+
+/// The concurrent pass's answers against the same prompts asked one at a time.
+struct Checks {
+    /// Requests that got no answer.
+    lost: usize,
+    /// Requests whose answer or steering differs.
+    mismatched: Vec<usize>,
+    steered: usize,
+}
+
+impl Checks {
+    fn new(together: &Answers, alone: &Answers) -> Checks {
+        let mismatched = (0..together.len())
+            .filter(|&i| match (&alone[i], &together[i]) {
+                (Some(a), Some(b)) => a.text != b.text || a.steered != b.steered,
+                _ => false,
+            })
+            .collect();
+        Checks {
+            lost: together.iter().filter(|a| a.is_none()).count(),
+            mismatched,
+            steered: together.iter().flatten().filter(|a| a.steered == Some(true)).count(),
+        }
+    }
+}
+
+fn passes(rounds: &[[(Pass, Answers); 2]]) -> Vec<[&Pass; 2]> {
+    rounds.iter().map(|r| [&r[0].0, &r[1].0]).collect()
+}
+
+fn print_table(args: &ServeBench, ours: &[[(Pass, Answers); 2]], theirs: &[[(Pass, Answers); 2]], checks: &Checks, stock_report: Option<&serde_json::Value>) {
+    let each = if args.natural_length { "at most" } else { "exactly" };
+    println!("{} new requests a pass ({} harmful), --parallel {}, {each} {} tokens each", args.requests, args.requests / 4, args.parallel, args.max_tokens);
+    println!("{:<18} {:>5} {:>8} {:>9} {:>10} {:>7}", "server", "clients", "seconds", "req/s", "tok/s", "errors");
+    let named = [("inferalign", ours)].into_iter().chain(theirs.first().map(|_| ("llama-server", theirs)));
+    for (name, rounds) in named {
+        for p in rounds.iter().flatten().map(|(p, _)| p) {
+            println!("{name:<18} {:>5} {:>8.2} {:>9.2} {:>10.1} {:>7}", p.clients, p.seconds, p.requests_per_second, p.tokens_per_second, p.errors);
+        }
+    }
+    println!("lost {}, answers differing from one-at-a-time {}, steered {}", checks.lost, checks.mismatched.len(), checks.steered);
+    if let Some(s) = stock_report {
+        println!(
+            "tokens/s against llama-server (median of {} rounds): {:.3} one at a time, {:.3} with {} clients; prompts of equal token count: {} of {}",
+            theirs.len(),
+            number(&s["tokens_per_second_ratio_one_at_a_time"]),
+            number(&s["tokens_per_second_ratio_concurrent"]),
+            args.clients,
+            s["same_prompt_tokens"],
+            args.requests
+        );
+    }
 }
 
 /// A number from the JSON report (a JSON number's display ignores `{:.3}`).
