@@ -183,6 +183,11 @@ fn check_guarded(ctx: &Context<'_, SteerHook>, seq: usize) -> Result<()> {
     Ok(())
 }
 
+/// The context each of `parallel` requests gets beside `cached` prefix tokens.
+pub fn share(n_ctx: usize, cached: usize, parallel: usize) -> usize {
+    n_ctx.saturating_sub(cached) / parallel
+}
+
 /// Continuous batching: each request owns one sequence; new requests join
 /// between decode steps, and every live request advances one token per step.
 pub struct Engine<'c, 'm> {
@@ -238,7 +243,7 @@ impl<'c, 'm> Engine<'c, 'm> {
     /// Up to `parallel` requests at a time, each with an equal share of the context.
     pub fn new(model: &'m Model, ctx: &'c mut Context<'m, SteerHook>, parallel: usize) -> Engine<'c, 'm> {
         let parallel = parallel.clamp(1, ctx.n_seq_max());
-        let room = ctx.n_ctx() / parallel;
+        let room = share(ctx.n_ctx(), 0, parallel);
         let batch = Batch::new(ctx.n_batch().max(parallel));
         ctx.clear_memory();
         Engine {
@@ -273,7 +278,7 @@ impl<'c, 'm> Engine<'c, 'm> {
         prefill(self.ctx, &mut self.batch, tokens, 0, seq as i32, 1)?;
         // The cached cells stay taken while requests that do not share them
         // (a system message of their own) fill their whole share.
-        self.room = self.ctx.n_ctx().saturating_sub(tokens.len()) / self.slots.len();
+        self.room = share(self.ctx.n_ctx(), tokens.len(), self.slots.len());
         self.prefix = Some(PrefixCache { seq, tokens: tokens.to_vec() });
         Ok(())
     }

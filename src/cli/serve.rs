@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 
 use inferalign::llama::{Context, ContextParams, Model};
 use inferalign::guard::{describe_strength, Guard};
-use inferalign::server::{router, run_engine, serve_http, shutdown_signal, warm_up, Limits, Metrics, ServeOptions};
+use inferalign::generate::share;
+use inferalign::server::{caches_prefix, router, run_engine, serve_http, shutdown_signal, warm_up, Limits, Metrics, ServeOptions};
 use inferalign::prompts::Template;
 use inferalign::steer::Mode;
 
@@ -150,13 +151,12 @@ fn check(args: &ServeArgs) -> Result<()> {
 
 /// What `/props` says: the model, the context each request gets, the template and the guard.
 fn props(args: &ServeArgs, model_id: &str, model: &Model, resolved: &Guard, template: &Template, params: &ContextParams) -> Value {
-    // The engine keeps the template's opening cached beside the requests' shares, but for --deterministic and always mode.
-    let cached = if args.deterministic || resolved.mode == Mode::Always { 0 } else { resolved.opening.len() };
+    let cached = if caches_prefix(resolved.mode, args.deterministic) { resolved.opening.len() } else { 0 };
     json!({
         "model": model_id,
         "model_path": model.path.display().to_string(),
         "n_ctx": params.n_ctx,
-        "n_ctx_per_request": (params.n_ctx as usize).saturating_sub(cached) / args.parallel,
+        "n_ctx_per_request": share(params.n_ctx as usize, cached, args.parallel),
         "total_slots": args.parallel,
         "chat_template": template.name,
         "deterministic": args.deterministic,

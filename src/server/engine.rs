@@ -79,6 +79,12 @@ pub fn warm_up<'m>(model: &'m Model, template: &Template, ctx: &mut Context<'m, 
     Ok(())
 }
 
+/// Whether the engine keeps the template's opening decoded once for every
+/// request: not in always mode, which shifts every row, nor with --deterministic.
+pub fn caches_prefix(mode: Mode, deterministic: bool) -> bool {
+    !deterministic && mode != Mode::Always
+}
+
 /// Serves jobs until every sender is gone and the last request is done.
 /// With `deterministic`, at most [`BATCH_INVARIANT_ROWS`] requests share a decode call.
 pub fn run_engine<'m>(
@@ -95,7 +101,8 @@ pub fn run_engine<'m>(
     let mut engine = Engine::new(model, ctx, parallel);
     if deterministic {
         engine.limit_rows(BATCH_INVARIANT_ROWS);
-    } else if engine.mode() != Mode::Always {
+    }
+    if caches_prefix(engine.mode(), deterministic) {
         engine.cache_prefix(&opening)?;
     }
     let mut live: HashMap<usize, Live> = HashMap::new();

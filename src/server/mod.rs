@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::generate::Sampling;
 use crate::steer::GateDecision;
 
-pub use engine::{run_engine, warm_up, BATCH_INVARIANT_ROWS};
+pub use engine::{caches_prefix, run_engine, warm_up, BATCH_INVARIANT_ROWS};
 pub use http::{router, serve_http, shutdown_signal, ApiError, Limits, ServeOptions, MAX_MESSAGES};
 pub use metrics::Metrics;
 pub use process::ServerProcess;
