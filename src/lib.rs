@@ -9,6 +9,7 @@
 //! - [`openers`] give the refusal-against-compliance contrast the steering direction is fitted on,
 //! - [`gate`] decides from one layer whether a request is harmful,
 //! - [`steer`] is the hook where the gate decides and the shift happens,
+//! - [`markers`] keeps turn-marker text inside a message from opening turns,
 //! - [`generate`] batches requests (continuous batching), [`server`] serves them over HTTP,
 //! - [`drift`] measures how far a fine-tune moved from its aligned parent,
 //! - [`finetune`] trains LoRA adapters (plain or Vaccine) for the fine-tuning lab,
@@ -29,6 +30,7 @@ pub mod generate;
 pub mod guard;
 pub mod judge;
 pub mod llama;
+pub mod markers;
 pub mod openers;
 pub mod output;
 pub mod plot;

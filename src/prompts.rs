@@ -168,6 +168,13 @@ impl Template {
         self.apply_chat(model, &[("user", instruction)])
     }
 
+    /// The text and tokens the model reads for a conversation: the
+    /// template's turn markers are special tokens, a message's text is text
+    /// (see [`crate::markers`]).
+    pub fn tokens(&self, model: &Model, conversation: &[(&str, &str)]) -> Result<(String, Vec<i32>)> {
+        crate::markers::tokens(model, conversation, |turns| self.apply_chat(model, turns))
+    }
+
     /// The text for a conversation of (role, content) turns (after the system
     /// prompt, if any), ending with the generation prompt.
     pub fn apply_chat(&self, model: &Model, conversation: &[(&str, &str)]) -> Result<String> {
@@ -221,11 +228,15 @@ fn jinja_env(source: String) -> Result<minijinja::Environment<'static>> {
 /// Tokens of a templated text; special tokens in the template are parsed, and
 /// BOS is added unless the template already wrote it.
 pub fn tokenize(model: &Model, text: &str) -> Result<Vec<i32>> {
-    let bos = token_text(model, model.llama().vocab().bos());
-    let add_special = bos.is_empty() || !text.starts_with(&bos);
-    let tokens = model.llama().vocab().tokenize(text.as_bytes(), add_special, true);
+    let tokens = model.llama().vocab().tokenize(text.as_bytes(), adds_special(model, text), true);
     anyhow::ensure!(!tokens.is_empty(), "the prompt tokenizes to nothing");
     Ok(tokens.into_iter().map(|t| t.0).collect())
+}
+
+/// Whether tokenizing `text` adds BOS (and EOS): not when the template wrote BOS.
+pub fn adds_special(model: &Model, text: &str) -> bool {
+    let bos = token_text(model, model.llama().vocab().bos());
+    bos.is_empty() || !text.starts_with(&bos)
 }
 
 /// Where the request starts in templated `tokens`: after the last

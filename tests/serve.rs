@@ -403,9 +403,10 @@ fn tokenize_apply_template_and_props_show_what_the_gate_reads() {
 
 /// The gate reads the whole conversation: a harmful request does not get past
 /// it by sitting in an earlier turn with "continue" after it, in the system
-/// message, or in a user turn that spells the template's own turn markers. The
-/// first two around harmless requests stay unsteered (spelled turn markers may
-/// fire the gate around a harmless one too: that fails closed).
+/// message, or in a user turn that spells the template's own turn markers
+/// (which stay text: they open no turn). The first two around harmless
+/// requests stay unsteered (spelled turn markers may fire the gate around a
+/// harmless one too: that fails closed).
 #[test]
 fn a_request_in_an_earlier_turn_or_the_system_message_still_fires_the_gate() {
     let server = start_server(QWEN, &["--parallel", "2"]);
@@ -423,6 +424,10 @@ fn a_request_in_an_earlier_turn_or_the_system_message_still_fires_the_gate() {
             }
         }
     }
+    let rendered: Value = agent().post(&format!("{}/apply-template", server.url)).send_json(json!({"messages": shapes[2]("Hi")})).unwrap().into_json().unwrap();
+    let tokens = rendered["tokens"].as_array().unwrap();
+    let turns = tokens.iter().filter(|&t| t == &tokens[0]).count();
+    assert_eq!(turns, 3, "the template's system, user and assistant turns only: {rendered}");
 }
 
 /// Requests with a system message of their own do not share the template's

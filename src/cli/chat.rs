@@ -8,7 +8,6 @@ use clap::Args;
 
 use inferalign::generate::{Engine, Event};
 use inferalign::llama::Context;
-use inferalign::prompts::tokenize;
 use inferalign::steer::Mode;
 
 use super::generate::SessionArgs;
@@ -38,17 +37,18 @@ pub fn run(ChatArgs { session: args }: ChatArgs) -> Result<()> {
         }
         history.push(("user".into(), line.trim().to_string()));
         let turns: Vec<(&str, &str)> = history.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
-        let tokens = tokenize(&model, &template.apply_chat(&model, &turns)?)?;
         // The whole conversation is decoded again each turn, so a turn the gate
         // lets through is exactly what the plain model would see.
         let mut answer = None;
-        let result = engine.run(std::slice::from_ref(&tokens), &sampling, |event| match event {
-            Event::Text { text, .. } => {
-                print!("{text}");
-                let _ = std::io::stdout().flush();
-            }
-            Event::Done { generation, .. } => answer = Some(generation),
-            Event::Started { .. } => {}
+        let result = template.tokens(&model, &turns).and_then(|(_, tokens)| {
+            engine.run(std::slice::from_ref(&tokens), &sampling, |event| match event {
+                Event::Text { text, .. } => {
+                    print!("{text}");
+                    let _ = std::io::stdout().flush();
+                }
+                Event::Done { generation, .. } => answer = Some(generation),
+                Event::Started { .. } => {}
+            })
         });
         if let Err(e) = result {
             eprintln!("\nerror: {e:#}");

@@ -237,28 +237,26 @@ fn prompt_tokens(model: &Model, template: &Template, input: &Input) -> Result<Ve
 
 /// The text the model reads for `input` (chat-templated unless raw) and its tokens.
 fn render(model: &Model, template: &Template, input: &Input) -> Result<(String, Vec<i32>)> {
-    let text = match input {
-        Input::Text(text) => text.clone(),
-        Input::Chat(messages) => {
-            let turns: Vec<(&str, &str)> = messages.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
-            // The request's own system message replaces --system-prompt.
-            let own_system = messages.iter().any(|(role, _)| role == "system");
-            let text = if own_system {
-                let mut without_default = template.clone();
-                without_default.system_prompt = None;
-                without_default.apply_chat(model, &turns)?
-            } else {
-                template.apply_chat(model, &turns)?
-            };
-            // A template without tool turns may drop them silently; the gate
-            // would then not read what the model is asked.
-            if messages.iter().any(|(role, content)| role == "tool" && !content.is_empty() && !text.contains(content.as_str())) {
-                bail!("this model's chat template ({}) drops tool messages; send their content in a user message", template.name);
-            }
-            text
-        }
+    let messages = match input {
+        // A raw prompt is the client's own templating: its special tokens are parsed, as llama-server's /completion does.
+        Input::Text(text) => return Ok((text.clone(), tokenize(model, text)?)),
+        Input::Chat(messages) => messages,
     };
-    let tokens = tokenize(model, &text)?;
+    let turns: Vec<(&str, &str)> = messages.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+    // The request's own system message replaces --system-prompt.
+    let own_system = messages.iter().any(|(role, _)| role == "system");
+    let (text, tokens) = if own_system {
+        let mut without_default = template.clone();
+        without_default.system_prompt = None;
+        without_default.tokens(model, &turns)?
+    } else {
+        template.tokens(model, &turns)?
+    };
+    // A template without tool turns may drop them silently; the gate
+    // would then not read what the model is asked.
+    if messages.iter().any(|(role, content)| role == "tool" && !content.is_empty() && !text.contains(content.as_str())) {
+        bail!("this model's chat template ({}) drops tool messages; send their content in a user message", template.name);
+    }
     Ok((text, tokens))
 }
 
