@@ -172,7 +172,19 @@ impl Template {
     /// template's turn markers are special tokens, a message's text is text
     /// (see [`crate::markers`]).
     pub fn tokens(&self, model: &Model, conversation: &[(&str, &str)]) -> Result<(String, Vec<i32>)> {
-        crate::markers::tokens(model, conversation, |turns| self.apply_chat(model, turns))
+        self.tokens_opened(model, conversation, "")
+    }
+
+    /// As [`Template::tokens`], with the assistant's answer begun with `opening`.
+    pub fn tokens_opened(&self, model: &Model, conversation: &[(&str, &str)], opening: &str) -> Result<(String, Vec<i32>)> {
+        let render = |turns: &[(&str, &str)]| Ok(self.apply_chat(model, turns)? + opening);
+        if let TemplateKind::Raw = self.kind {
+            // Raw text is the user's own templating, special tokens and all.
+            let text = render(conversation)?;
+            let tokens = tokenize(model, &text)?;
+            return Ok((text, tokens));
+        }
+        crate::markers::tokens(model, conversation, render)
     }
 
     /// The text for a conversation of (role, content) turns (after the system
@@ -268,7 +280,7 @@ pub fn prepare_opened<'a>(model: &Model, template: &Template, prompts: &[String]
         .iter()
         .enumerate()
         .map(|(i, prompt)| {
-            let tokens = tokenize(model, &(template.apply(model, prompt)? + opening(i)))?;
+            let (_, tokens) = template.tokens_opened(model, &[("user", prompt)], opening(i))?;
             check_length(i, prompt, tokens.len(), n_ctx)?;
             Ok(tokens)
         })
