@@ -11,15 +11,13 @@ use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token_type::LlamaTokenAttr;
 
 use crate::llama::Model;
-use crate::prompts::{adds_special, tokenize};
+use crate::prompts::{adds_special, parsed, tokenize};
 
 /// The text and tokens of `conversation` as `render` templates it. A
 /// conversation that spells no special token tokenizes as the whole text does.
 pub fn tokens(model: &Model, conversation: &[(&str, &str)], render: impl Fn(&[(&str, &str)]) -> Result<String>) -> Result<(String, Vec<i32>)> {
     if !conversation.iter().any(|(_, content)| spells_special(model, content)) {
-        let text = render(conversation)?;
-        let tokens = tokenize(model, &text)?;
-        return Ok((text, tokens));
+        return parsed(model, render(conversation)?);
     }
     let mask = Mask::new(model, conversation)?;
     let masked: Vec<(&str, &str)> = conversation.iter().zip(&mask.contents).map(|((role, _), content)| (*role, content.as_str())).collect();

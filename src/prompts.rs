@@ -180,9 +180,7 @@ impl Template {
         let render = |turns: &[(&str, &str)]| Ok(self.apply_chat(model, turns)? + opening);
         if let TemplateKind::Raw = self.kind {
             // Raw text is the user's own templating, special tokens and all.
-            let text = render(conversation)?;
-            let tokens = tokenize(model, &text)?;
-            return Ok((text, tokens));
+            return parsed(model, render(conversation)?);
         }
         crate::markers::tokens(model, conversation, render)
     }
@@ -243,6 +241,12 @@ pub fn tokenize(model: &Model, text: &str) -> Result<Vec<i32>> {
     let tokens = model.llama().vocab().tokenize(text.as_bytes(), adds_special(model, text), true);
     anyhow::ensure!(!tokens.is_empty(), "the prompt tokenizes to nothing");
     Ok(tokens.into_iter().map(|t| t.0).collect())
+}
+
+/// `text` and its tokens, special tokens parsed (see [`tokenize`]).
+pub fn parsed(model: &Model, text: String) -> Result<(String, Vec<i32>)> {
+    let tokens = tokenize(model, &text)?;
+    Ok((text, tokens))
 }
 
 /// Whether tokenizing `text` adds BOS (and EOS): not when the template wrote BOS.

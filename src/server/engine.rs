@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use super::{ApiError, Input, Job, Metrics, Reply, Task};
 use crate::generate::{Engine, Event, NewRequest, Sampling};
 use crate::llama::{Context, Model};
-use crate::prompts::{tokenize, Template};
+use crate::prompts::{parsed, Template};
 use crate::steer::{Mode, SteerHook};
 
 /// A request in the engine: its replies and the text held back while it
@@ -239,7 +239,7 @@ fn prompt_tokens(model: &Model, template: &Template, input: &Input) -> Result<Ve
 fn render(model: &Model, template: &Template, input: &Input) -> Result<(String, Vec<i32>)> {
     let messages = match input {
         // A raw prompt is the client's own templating: its special tokens are parsed, as llama-server's /completion does.
-        Input::Text(text) => return Ok((text.clone(), tokenize(model, text)?)),
+        Input::Text(text) => return parsed(model, text.clone()),
         Input::Chat(messages) => messages,
     };
     let turns: Vec<(&str, &str)> = messages.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
