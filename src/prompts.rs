@@ -16,7 +16,9 @@ const JSON_FIELDS: [&str; 4] = ["prompt", "goal", "text", "instruction"];
 /// Columns that hold the instruction in CSV files, in order of preference.
 const CSV_COLUMNS: [&str; 2] = ["goal", "prompt"];
 
-/// Reads prompts from plain text (one per line), JSONL or CSV with a header.
+/// Reads prompts from plain text (one per line, trimmed), JSONL or CSV with a
+/// header. A JSON or CSV string is kept as written: with `--template raw` its
+/// trailing newline is the assistant header's last token.
 pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read prompt file {}", path.display()))?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
@@ -44,7 +46,8 @@ fn parse_jsonl(text: &str) -> Result<Vec<String>> {
             .iter()
             .find_map(|f| value.get(f).and_then(|v| v.as_str()))
             .with_context(|| format!("line {}: no string field among {}", i + 1, JSON_FIELDS.join(", ")))?;
-        prompts.push(prompt.trim().to_string());
+        ensure!(!prompt.trim().is_empty(), "line {}: the prompt is empty; remove the line or fill in the prompt", i + 1);
+        prompts.push(prompt.to_string());
     }
     Ok(prompts)
 }
@@ -59,8 +62,8 @@ fn parse_csv(text: &str) -> Result<Vec<String>> {
     let mut prompts = Vec::new();
     for (i, record) in reader.records().enumerate() {
         let record = record.with_context(|| format!("CSV record {}", i + 1))?;
-        let prompt = record.get(column).unwrap_or("").trim();
-        if !prompt.is_empty() {
+        let prompt = record.get(column).unwrap_or("");
+        if !prompt.trim().is_empty() {
             prompts.push(prompt.to_string());
         }
     }
@@ -337,6 +340,14 @@ pub fn read_pairs(path: &Path) -> Result<Vec<(String, String)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_json_prompt_keeps_its_whitespace_and_a_blank_one_is_an_error() {
+        let prompts = parse_jsonl("{\"prompt\": \"<|im_start|>assistant\\n\"}\n\n{\"goal\": \" Hi \"}\n").unwrap();
+        assert_eq!(prompts, ["<|im_start|>assistant\n", " Hi "]);
+        let err = parse_jsonl("{\"prompt\": \"a\"}\n{\"prompt\": \" \"}\n").unwrap_err();
+        assert!(err.to_string().starts_with("line 2: the prompt is empty"), "{err}");
+    }
 
     #[test]
     fn a_request_starts_after_the_last_user_header() {
