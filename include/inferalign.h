@@ -78,7 +78,9 @@ int inferalign_guard_begin_request(inferalign_guard * guard, int32_t seq);
 /* As inferalign_guard_begin_request, where the request (the conversation
  * after the template's fixed opening: BOS, its default system prompt, the
  * first user header) starts at position
- * `request_pos` of the prompt: the gate reads the tokens from there on. Every
+ * `request_pos` of the prompt: the gate reads the tokens from there on, every
+ * turn alike (a file's context floor, which lets `serve` pass a new harmless
+ * question after a refused harmful one, is not applied here). Every
  * one of them must be decoded after this call (none from a cache).
  * -1 if seq is outside 0..n_seq-1 or request_pos is negative. */
 int inferalign_guard_begin_request_at(inferalign_guard * guard, int32_t seq, int32_t request_pos);

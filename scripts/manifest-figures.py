@@ -21,6 +21,7 @@ for entry in manifest["vectors"]:
         "tool_version": cal["tool_version"],
         "gate_terms": gate["terms"],
         "gate_decides_at_layer": cal["gate_layer"],
+        "gate_context_floor": gate.get("context_floor"),
         "cross_validated_tpr_by_family_left_out": {f: round(t, 4) for f, t in zip(gate["families"], tpr)},
         "cross_validated_fpr": {k: round(f, 4) for k, f in zip(["plain", "wrapped", "multi_turn"], fpr)},
         "gate_plain_held_out": {"tpr": gate["held_out"][0], "fpr": gate["held_out"][1]},

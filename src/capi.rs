@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::capture::{BatchAware, Reads};
 use crate::guard::{GuardConfig, ModelShape};
 use crate::llama::{foreign_model_arch, foreign_model_dims, BatchLayout, ForeignBatch, ForeignHook};
-use crate::steer::{parse_layers, Mode, SteerHook};
+use crate::steer::{parse_layers, Mode, RequestStart, SteerHook};
 use crate::vectors::Strength;
 
 /// Most sequences one guard tracks: llama.cpp's own `LLAMA_MAX_SEQ`.
@@ -177,7 +177,7 @@ pub unsafe extern "C" fn inferalign_guard_begin_request_at(
     with_guard(guard, |g| {
         let seq = usize::try_from(seq).with_context(|| format!("sequence id {seq} is negative"))?;
         let start = usize::try_from(request_pos).with_context(|| format!("request position {request_pos} is negative"))?;
-        g.hook.hook_mut().begin_request(seq, start)
+        g.hook.hook_mut().begin_request(seq, RequestStart::at(start))
     })
 }
 

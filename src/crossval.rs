@@ -190,11 +190,7 @@ pub fn validate(z: &[f32], labels: &Labels, n_families: usize, max_fpr: f32) -> 
         s
     };
     let groups = [harmless(0), harmless(1), harmless(2)];
-    let threshold = groups
-        .iter()
-        .filter(|s| !s.is_empty())
-        .map(|s| s[((max_fpr * s.len() as f32).floor() as usize).min(s.len() - 1)])
-        .fold(f32::NEG_INFINITY, f32::max);
+    let threshold = groups.iter().filter(|s| !s.is_empty()).map(|s| allowed_top(s, max_fpr)).fold(f32::NEG_INFINITY, f32::max);
     let rate = |idx: Vec<usize>| {
         if idx.is_empty() {
             f32::NAN
@@ -216,6 +212,12 @@ pub fn validate(z: &[f32], labels: &Labels, n_families: usize, max_fpr: f32) -> 
         family_tpr,
         fpr,
     }
+}
+
+/// The score that at most `max_fpr` of `descending` (sorted highest first,
+/// not empty) exceed.
+pub fn allowed_top(descending: &[f32], max_fpr: f32) -> f32 {
+    descending[((max_fpr * descending.len() as f32).floor() as usize).min(descending.len() - 1)]
 }
 
 fn nan_to(x: f32, replacement: f32) -> f32 {

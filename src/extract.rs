@@ -130,10 +130,12 @@ pub fn extract(
         question: set.question_family(),
     };
     progress.set_prefix("validate");
-    let validated = validate_candidates(&features, &labels, set.families.len(), options.max_fpr);
+    let (validated, out_of_fold) = validate_candidates(&features, &labels, set.families.len(), options.max_fpr);
     let (chosen, runners_up) = choose(&validated)?;
     let (parts, validation) = &validated[chosen];
-    let FinalGate { terms, bias, held_out } = final_gate(&features, parts, validation, &harmful_labels, &layout)?;
+    let FinalGate { terms, bias, held_out, fits } = final_gate(&features, parts, validation, &harmful_labels, &layout)?;
+    let follow_ups: Vec<usize> = (0..set.examples.len()).filter(|&i| !labels.harmful[i] && labels.family[i] == labels.multi_turn).collect();
+    let context_floor = context_floor(parts, &fits, &out_of_fold, &follow_ups);
     let family_tpr = layer_figures(&mut fitted, &validated, set.families.len(), model.n_layer());
     let gate = GateFit {
         offset: 0,
@@ -143,6 +145,7 @@ pub fn extract(
         held_out,
         terms,
         bias: Some(bias),
+        context_floor,
         chosen: Some((validation.family_tpr.clone(), validation.fpr.to_vec())),
     };
     let gate_layer = gate.terms.iter().map(|t| t.layer).max().unwrap_or(1);
@@ -274,22 +277,24 @@ impl<'a> Features<'a> {
     }
 }
 
-/// Cross-validates every part alone, and every last-token part with every request part.
-fn validate_candidates(features: &Features, labels: &Labels, n_families: usize, max_fpr: f32) -> Vec<(Vec<PartKey>, Validation)> {
+/// Cross-validates every part alone, and every last-token part with every
+/// request part; returns them with each part's out-of-fold scores.
+fn validate_candidates(features: &Features, labels: &Labels, n_families: usize, max_fpr: f32) -> (Vec<(Vec<PartKey>, Validation)>, BTreeMap<PartKey, Vec<f32>>) {
     let keys = features.keys();
     let out_of_fold: BTreeMap<PartKey, Vec<f32>> = keys.iter().map(|&k| (k, crossval::out_of_fold(&*features.part(k), labels))).collect();
     let mut candidates: Vec<Vec<PartKey>> = keys.iter().map(|&k| vec![k]).collect();
     for &r in features.request_layers {
         candidates.extend(candidate_layers(features.n_layer).into_iter().map(|l| vec![PartKey::Rows(l), PartKey::Request(r)]));
     }
-    candidates
+    let validated = candidates
         .into_iter()
         .map(|parts| {
             let z: Vec<f32> = (0..labels.harmful.len()).map(|i| parts.iter().map(|k| out_of_fold[k][i]).sum()).collect();
             let v = validate(&z, labels, n_families, max_fpr);
             (parts, v)
         })
-        .collect()
+        .collect();
+    (validated, out_of_fold)
 }
 
 /// The best candidate's index, and the first [`RANKED`] candidates, it first.
@@ -324,6 +329,8 @@ struct FinalGate {
     bias: f32,
     /// (TPR, FPR) on the held-out prompts, when there are both classes.
     held_out: Option<(f32, f32)>,
+    /// Each part's fit on every training prompt.
+    fits: Vec<Fit>,
 }
 
 /// The final gate: each chosen part fitted on every training prompt, on the cross-validated scale.
@@ -344,7 +351,34 @@ fn final_gate(features: &Features, parts: &[PartKey], validation: &Validation, h
         let r = rates(&(layout.n_train..held).map(score).collect::<Vec<_>>(), &(held..layout.n_prompts).map(score).collect::<Vec<_>>());
         (r.tpr, r.fpr)
     });
-    Ok(FinalGate { terms, bias, held_out })
+    Ok(FinalGate { terms, bias, held_out, fits: fits.into_iter().map(|(_, f)| f).collect() })
+}
+
+/// Share of harmless requests after a harmful turn whose earlier turns the
+/// gate still reads. A request that only says "go on" sits near their top
+/// (its last token carries the earlier request): with Qwen, a floor that 2%
+/// of them clear let 54 of 60 "go on" conversations through, one that 10%
+/// clear none (README, Conversations).
+pub const CONTEXT_SHARE: f32 = 0.1;
+
+/// The gate's [`context_floor`](crate::gate::Gate::context_floor): the sum of
+/// its token terms that [`CONTEXT_SHARE`] of the harmless requests after a
+/// harmful turn (`follow_ups`, scored out of fold, so by probes that never
+/// saw a conversation) exceed. None unless the gate has both kinds of term
+/// and every such request was scored: then earlier turns always count.
+fn context_floor(parts: &[PartKey], fits: &[Fit], out_of_fold: &BTreeMap<PartKey, Vec<f32>>, follow_ups: &[usize]) -> Option<f32> {
+    let tokens: Vec<(PartKey, &Fit)> = parts.iter().copied().zip(fits).filter(|(k, _)| matches!(k, PartKey::Rows(_))).collect();
+    if tokens.is_empty() || tokens.len() == parts.len() || follow_ups.is_empty() {
+        return None;
+    }
+    // A term's value at run time is its z score plus its fit's centre over scale.
+    let shift: f32 = tokens.iter().map(|(_, f)| f.centre / f.scale).sum();
+    let mut sums: Vec<f32> = follow_ups.iter().map(|&i| tokens.iter().map(|(k, _)| out_of_fold[k][i]).sum::<f32>() + shift).collect();
+    if !sums.iter().all(|s| s.is_finite()) {
+        return None;
+    }
+    sums.sort_by(|a, b| b.total_cmp(a));
+    Some(crossval::allowed_top(&sums, CONTEXT_SHARE))
 }
 
 /// `7:tokens + 14:request_max`: a candidate's parts as the gate's terms read.

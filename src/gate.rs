@@ -3,7 +3,9 @@
 //! A term reads either tokens a fixed distance before the prompt's last (the
 //! last token, the user's own last token) or every token of the request, of
 //! which it takes the largest projection: a harmful request buried inside a
-//! jailbreak template peaks where it is said, wherever that is.
+//! jailbreak template peaks where it is said, wherever that is. In a
+//! conversation it also keeps the last user turn's largest projection apart,
+//! for a harmless question asked after a harmful turn (see [`Gate::context_floor`]).
 
 use anyhow::{bail, Context, Result};
 use ndarray::{Array1, ArrayView1, ArrayView2, Axis};
@@ -95,12 +97,18 @@ impl Term {
 pub struct Gate {
     pub terms: Vec<Term>,
     pub bias: f32,
+    /// Where a request term finds more in the earlier turns than in the last
+    /// user turn, the earlier turns count only when the token terms (the
+    /// model at the point of answering) sum above this: "Continue." after a
+    /// harmful request does, a new harmless question does not. None: they
+    /// always count.
+    pub context_floor: Option<f32>,
 }
 
 impl Gate {
     /// A gate of one direction read at one token: `a . direction + bias`.
     pub fn single(layer: usize, offset: usize, direction: Vec<f32>, bias: f32) -> Gate {
-        Gate { terms: vec![Term { layer, read: Read::Tokens(vec![offset]), weights: direction }], bias }
+        Gate { terms: vec![Term { layer, read: Read::Tokens(vec![offset]), weights: direction }], bias, context_floor: None }
     }
 
     /// The file's calibrated gate; with `layer`, the one-direction gate that
@@ -111,7 +119,8 @@ impl Gate {
         let fit = cal.map(|c| &c.gate);
         let mut gate = match (layer, cal) {
             (None, Some(c)) if !c.gate.terms.is_empty() => {
-                Gate { terms: c.gate.terms.clone(), bias: c.gate.bias.context("the vector file's gate terms have no bias")? }
+                let bias = c.gate.bias.context("the vector file's gate terms have no bias")?;
+                Gate { terms: c.gate.terms.clone(), bias, context_floor: c.gate.context_floor }
             }
             (layer, cal) => {
                 let layer = match (layer, cal) {
@@ -164,6 +173,24 @@ impl Gate {
     /// `terms` in the form [`Term::describe`] gives, `;`-separated.
     pub fn describe(&self) -> String {
         self.terms.iter().map(Term::describe).collect::<Vec<_>>().join(";")
+    }
+
+    /// The score from each term's value over the whole conversation
+    /// (`whole`) and, for request terms, over the last user turn alone
+    /// (`last_turn`); a value never read (-inf) or failed (NaN) makes it NaN.
+    pub fn score(&self, whole: &[f32], last_turn: &[f32]) -> f32 {
+        if self.terms.len() != whole.len() || self.terms.len() != last_turn.len() {
+            return f32::NAN;
+        }
+        let read = |v: f32| if v == f32::NEG_INFINITY { f32::NAN } else { v };
+        let sum = |values: &[f32], kind: fn(&Read) -> bool| -> f32 {
+            self.terms.iter().zip(values).filter(|(t, _)| kind(&t.read)).map(|(_, &v)| read(v)).sum()
+        };
+        let tokens = sum(whole, |r| *r != Read::RequestMax);
+        let reads_context = self.context_floor.is_none_or(|floor| tokens.is_nan() || tokens > floor);
+        let request = sum(whole, |r| *r == Read::RequestMax);
+        let request = if reads_context || request.is_nan() { request } else { sum(last_turn, |r| *r == Read::RequestMax) };
+        tokens + request + self.bias
     }
 
     /// The score of a one-direction gate ([`Gate::single`]) on the activation
@@ -291,6 +318,21 @@ pub fn robust_bias(harmful_proj: &[f32], harmless_proj: &[f32], rho: f32) -> f32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn earlier_turns_count_only_when_the_token_terms_clear_the_floor() {
+        let tokens = Term { layer: 1, read: Read::Tokens(vec![0]), weights: vec![1.0] };
+        let request = Term { layer: 2, read: Read::RequestMax, weights: vec![1.0] };
+        let mut gate = Gate { terms: vec![tokens, request], bias: -5.0, context_floor: Some(-1.0) };
+        // Harm in an earlier turn (6 over the whole conversation, 1 in the last turn).
+        assert_eq!(gate.score(&[0.5, 6.0], &[0.5, 1.0]), 1.5, "the model answers it: the whole conversation counts");
+        assert_eq!(gate.score(&[-2.0, 6.0], &[-2.0, 1.0]), -6.0, "a new question: the last turn alone counts");
+        assert!(Gate::is_harmful(gate.score(&[f32::NAN, 6.0], &[f32::NAN, 1.0])), "a failed read is harmful");
+        assert!(gate.score(&[-2.0, f32::NEG_INFINITY], &[-2.0, 1.0]).is_nan(), "a term never read is NaN");
+        assert!(gate.score(&[-2.0, 6.0], &[-2.0]).is_nan());
+        gate.context_floor = None;
+        assert_eq!(gate.score(&[-2.0, 6.0], &[-2.0, 1.0]), -1.0, "without a floor every turn counts");
+    }
 
     #[test]
     fn robust_bias_centres_the_widest_certified_gap() {

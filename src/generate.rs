@@ -15,7 +15,7 @@ use crate::capture::{BatchAware, Reads};
 use crate::gate::Gate;
 use crate::llama::{Batch, BatchLayout, Context, Model};
 use crate::prompts::common_prefix;
-use crate::steer::{GateDecision, Mode, Shifter, SteerHook};
+use crate::steer::{GateDecision, Mode, RequestStart, Shifter, SteerHook};
 
 #[derive(Clone, Debug)]
 pub struct Sampling {
@@ -507,7 +507,7 @@ impl<'c, 'm> Engine<'c, 'm> {
 
     /// Gives each admitted request its cached prefix cells and tells the hook
     /// (with `begin`: as a request, or gate-only) where its request starts.
-    fn begin_all(&mut self, requests: &[NewRequest], admitted: &mut [Admission], tail: usize, begin: fn(&mut SteerHook, usize, usize) -> Result<()>) -> Result<()> {
+    fn begin_all(&mut self, requests: &[NewRequest], admitted: &mut [Admission], tail: usize, begin: fn(&mut SteerHook, usize, RequestStart) -> Result<()>) -> Result<()> {
         for a in admitted.iter_mut() {
             let prompt = requests[a.index].prompt;
             let start = self.ctx.hook().request_start(prompt);
@@ -519,7 +519,7 @@ impl<'c, 'm> Engine<'c, 'm> {
 
     /// Prompt tokens of `prompt` the prefix cache supplies: never the first token the gate reads.
     fn cached_for(&self, prompt: &[i32], tail: usize) -> usize {
-        let keep = self.first_read(self.ctx.hook().request_start(prompt));
+        let keep = self.first_read(self.ctx.hook().request_start(prompt).conversation);
         self.prefix.as_ref().map_or(0, |p| p.shared_with(prompt, tail, keep))
     }
 

@@ -61,6 +61,8 @@ pub struct Guard {
     pub mode: Mode,
     /// The chat template's opening; requests start where they leave it (see [`Guard::use_template`]).
     pub opening: Vec<i32>,
+    /// The template's user header: the gate reads the last user turn apart too.
+    user_header: Vec<i32>,
 }
 
 impl GuardConfig {
@@ -96,7 +98,7 @@ impl GuardConfig {
             (None, None) => bail!(no_defaults()),
         };
         let steering = Steering::new(&steer_file, strength, &layers, shape.n_layer).with_context(|| format!("cannot steer with {}", steer_path.display()))?;
-        Ok(Guard { gate_file, gate_path, steer_path, gate, steering, mode: self.mode, opening: Vec::new() })
+        Ok(Guard { gate_file, gate_path, steer_path, gate, steering, mode: self.mode, opening: Vec::new(), user_header: Vec::new() })
     }
 
     /// A vector file that fits the model: its shape, and its architecture unless `any_model`.
@@ -121,12 +123,14 @@ impl Guard {
     pub fn hook_with(&self, mode: Mode, gate: Gate, steering: Steering, n_seq: usize) -> Result<SteerHook> {
         let mut hook = SteerHook::new(mode, Some(gate), steering, n_seq)?;
         hook.set_opening(self.opening.clone());
+        hook.set_user_header(self.user_header.clone());
         Ok(hook)
     }
 
     /// Requests are templated with `template`: the gate reads each from its first turn on.
     pub fn use_template(&mut self, model: &Model, template: &Template) -> Result<()> {
         self.opening = template.opening(model)?;
+        self.user_header = template.user_header(model)?;
         Ok(())
     }
 

@@ -14,7 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::capture::{BatchAware, Reads};
 use crate::gate::{Gate, Read};
 use crate::llama::{BatchLayout, Context, LayerHook, LayerOutput};
-use crate::prompts::common_prefix;
+use crate::prompts::{common_prefix, request_start};
 use crate::vectors::{Strength, VectorFile};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,17 +197,34 @@ pub struct GateDecision {
     pub layer: usize,
 }
 
+/// Where a request's conversation leaves the template's opening, and where
+/// its last user turn starts (the same for one turn).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestStart {
+    pub conversation: usize,
+    pub last_turn: usize,
+}
+
+impl RequestStart {
+    /// A request read as one turn from `start`.
+    pub fn at(start: usize) -> RequestStart {
+        RequestStart { conversation: start, last_turn: start }
+    }
+}
+
 /// Per-sequence state of a request.
 #[derive(Clone, Debug, Default)]
 struct Request {
     /// Its last prompt token is in a coming batch and must be gated.
     awaiting_gate: bool,
-    /// Position where its request starts: request terms read from there on.
-    start: usize,
+    /// Where its request starts: request terms read from there on.
+    start: RequestStart,
     /// Each gate term's value so far: the sum of its token projections, or
     /// the largest projection of a request token (-inf: not read yet; NaN: a
     /// read that failed).
     partial: Vec<f32>,
+    /// Each request term's largest projection in the last user turn alone.
+    last_turn: Vec<f32>,
     decision: Option<GateDecision>,
 }
 
@@ -225,6 +242,8 @@ pub struct SteerHook {
     from_request: bool,
     /// The chat template's opening: a request starts where its prompt leaves it.
     opening: Vec<i32>,
+    /// The template's user header: the last user turn starts after its last occurrence.
+    user_header: Vec<i32>,
     requests: Vec<Request>,
     /// Sequence of each token row, and of each output row, in the current batch.
     row_seq: Vec<usize>,
@@ -235,8 +254,9 @@ pub struct SteerHook {
     /// (token row, output row, sequence) of the last prompt tokens this batch
     /// gates, whose decision is taken in it.
     deciding: Vec<(usize, Option<usize>, usize)>,
-    /// (token row, sequence) of the request tokens of sequences awaiting the gate.
-    request_rows: Vec<(usize, usize)>,
+    /// (token row, sequence, in the last user turn) of the request tokens of
+    /// sequences awaiting the gate.
+    request_rows: Vec<(usize, usize, bool)>,
 }
 
 impl SteerHook {
@@ -253,6 +273,7 @@ impl SteerHook {
             stop_at_gate: false,
             from_request: mode == Mode::Gated,
             opening: Vec::new(),
+            user_header: Vec::new(),
             requests: vec![Request::default(); n_seq],
             row_seq: Vec::new(),
             output_seq: Vec::new(),
@@ -286,29 +307,38 @@ impl SteerHook {
         &self.opening
     }
 
-    /// Where the request starts in `prompt`: where it leaves the template's
-    /// opening. Every turn after it is read, so a request cannot hide in an
-    /// earlier turn, a system message or text that spells the template's turn markers.
-    pub fn request_start(&self, prompt: &[i32]) -> usize {
-        common_prefix(prompt, &self.opening)
+    /// The template's user header ([`Template::user_header`](crate::prompts::Template::user_header)):
+    /// without it the last user turn is the whole request.
+    pub fn set_user_header(&mut self, header: Vec<i32>) {
+        self.user_header = header;
     }
 
-    /// A new request starts on `seq`, its conversation at position `start`:
-    /// its next output token is its last prompt token, where the gate decides.
-    pub fn begin_request(&mut self, seq: usize, start: usize) -> Result<()> {
+    /// Where the request starts in `prompt`: where it leaves the template's
+    /// opening. Every turn after it is read, so a request cannot hide in an
+    /// earlier turn, a system message or text that spells the template's turn
+    /// markers; the last user turn is read apart too (see [`Gate::context_floor`]).
+    pub fn request_start(&self, prompt: &[i32]) -> RequestStart {
+        let conversation = common_prefix(prompt, &self.opening);
+        RequestStart { conversation, last_turn: request_start(prompt, &self.user_header).max(conversation) }
+    }
+
+    /// A new request starts on `seq` at `start`: its next output token is its
+    /// last prompt token, where the gate decides.
+    pub fn begin_request(&mut self, seq: usize, start: RequestStart) -> Result<()> {
         let gated = self.mode == Mode::Gated;
         self.begin(seq, start, gated)
     }
 
     /// `seq` is gated and never shifted, whatever the mode (moderation).
-    pub fn begin_gate_only(&mut self, seq: usize, start: usize) -> Result<()> {
+    pub fn begin_gate_only(&mut self, seq: usize, start: RequestStart) -> Result<()> {
         let gated = self.gate.is_some();
         self.begin(seq, start, gated)
     }
 
-    fn begin(&mut self, seq: usize, start: usize, gated: bool) -> Result<()> {
+    fn begin(&mut self, seq: usize, start: RequestStart, gated: bool) -> Result<()> {
         let partial = self.gate.as_ref().map_or(Vec::new(), |g| vec![f32::NEG_INFINITY; g.terms.len()]);
-        *self.request_mut(seq)? = Request { awaiting_gate: gated, start, partial, decision: None };
+        let last_turn = partial.clone();
+        *self.request_mut(seq)? = Request { awaiting_gate: gated, start, partial, last_turn, decision: None };
         Ok(())
     }
 
@@ -385,7 +415,7 @@ impl SteerHook {
 
     /// Leading rows of request `seq` that are never shifted.
     fn unshifted(&self, seq: usize) -> usize {
-        if self.from_request { self.requests.get(seq).map_or(0, |r| r.start) } else { 0 }
+        if self.from_request { self.requests.get(seq).map_or(0, |r| r.start.conversation) } else { 0 }
     }
 
     /// Whether rows before each request's start stay unshifted (gated mode's
@@ -438,7 +468,7 @@ impl SteerHook {
             for &(_, _, seq) in &self.deciding {
                 let request = &mut self.requests[seq];
                 // A term that read nothing (no request token, a missing row) is NaN: harmful.
-                let score = request.partial.iter().map(|&v| if v == f32::NEG_INFINITY { f32::NAN } else { v }).sum::<f32>() + gate.bias;
+                let score = gate.score(&request.partial, &request.last_turn);
                 request.awaiting_gate = false;
                 request.decision = Some(GateDecision { score, harmful: Gate::is_harmful(score), layer });
             }
@@ -470,10 +500,14 @@ impl SteerHook {
                         }
                     }
                     Read::RequestMax => {
-                        for &(r, seq) in request_rows {
+                        for &(r, seq, in_last_turn) in request_rows {
                             let v = all_rows.then(|| row(r)).flatten().map_or(f32::NAN, |a| term.project(0, a));
-                            let p = &mut requests[seq].partial[t];
-                            *p = if v.is_nan() || p.is_nan() { f32::NAN } else { p.max(v) };
+                            let request = &mut requests[seq];
+                            let most = |p: &mut f32| *p = if v.is_nan() || p.is_nan() { f32::NAN } else { p.max(v) };
+                            most(&mut request.partial[t]);
+                            if in_last_turn {
+                                most(&mut request.last_turn[t]);
+                            }
                         }
                     }
                 }
@@ -566,10 +600,11 @@ impl BatchAware for SteerHook {
             })?;
             self.row_seq.push(seq);
             let request = &self.requests[seq];
-            let inside = usize::try_from(batch.pos(row)).is_ok_and(|p| p >= request.start);
+            let pos = usize::try_from(batch.pos(row)).ok();
+            let inside = pos.is_some_and(|p| p >= request.start.conversation);
             self.row_in_request.push(inside);
             if request.awaiting_gate && reads_request && inside {
-                self.request_rows.push((row, seq));
+                self.request_rows.push((row, seq, pos.is_some_and(|p| p >= request.start.last_turn)));
             }
             if batch.is_output(row) {
                 if request.awaiting_gate {
@@ -635,7 +670,7 @@ mod tests {
         assert!(!h.decode_again(0, Shifter::Hook, 0));
         assert!(h.decode_again(0, Shifter::GateOnly, 0));
         assert!(h.decode_again(0, Shifter::Hook, 5), "cached rows of the request were never shifted");
-        h.requests[0].start = 5;
+        h.requests[0].start = RequestStart::at(5);
         assert!(!h.decode_again(0, Shifter::Hook, 5), "the rows before the request are never shifted");
         assert!(h.decode_again(0, Shifter::Hook, 6));
         assert!(!h.decode_again(1, Shifter::GateOnly, 5), "an unflagged request stands");
@@ -673,8 +708,9 @@ mod tests {
     fn each_request_is_gated_on_its_own_row_of_a_shared_batch() {
         let mut h = hook(1, 3);
         h.gate.as_mut().unwrap().terms.push(Term { layer: 1, read: Read::RequestMax, weights: vec![0.0, 1.0] });
-        h.begin_request(0, 1).unwrap();
-        h.begin_request(2, 0).unwrap();
+        h.begin_request(0, RequestStart::at(1)).unwrap();
+        // Sequence 2's last user turn is its second token.
+        h.begin_request(2, RequestStart { conversation: 0, last_turn: 1 }).unwrap();
         // Sequence 0: three prompt tokens; sequence 1: a decoding step; sequence 2: two prompt tokens.
         let batch = Rows(vec![(0, false), (0, false), (0, true), (1, true), (2, false), (2, true)]);
         h.plan(&batch, &Reads::NONE).unwrap();
@@ -683,7 +719,7 @@ mod tests {
         // Each last prompt token decides; sequence 1 is not awaiting a gate.
         assert_eq!(h.deciding, vec![(2, Some(0), 0), (5, Some(2), 2)]);
         // Request tokens from each request's start (sequence 0's starts at its second token).
-        assert_eq!(h.request_rows, vec![(1, 0), (2, 0), (4, 2), (5, 2)]);
+        assert_eq!(h.request_rows, vec![(1, 0, true), (2, 0, true), (4, 2, false), (5, 2, true)]);
         // Offset 1 reads the token before the last; a token outside the
         // batch (sequence 1's only token has none before it) reads NaN.
         let mut data = [0.0, 0.0, 3.0, -1.0, 2.0, 5.0, 9.0, 9.0, -4.0, 0.5, 1.0, 0.25];
@@ -691,7 +727,8 @@ mod tests {
         h.read_terms(&h.gate.clone().unwrap(), 1, &mut LayerOutput::from_host_rows(&mut data, 2, &mut scratch)).unwrap();
         assert_eq!(h.requests[0].partial, vec![3.0, 5.0], "token 1 projects 3; the request's largest is token 2's 5");
         assert_eq!(h.requests[2].partial, vec![-4.0, 0.5]);
-        h.begin_request(1, 0).unwrap();
+        assert_eq!(h.requests[2].last_turn[1], 0.25, "its last turn alone reads only token 1");
+        h.begin_request(1, RequestStart::at(0)).unwrap();
         h.plan(&Rows(vec![(1, true)]), &Reads::NONE).unwrap();
         h.run_gate(1, &mut LayerOutput::from_host_rows(&mut [1.0, 1.0], 2, &mut scratch)).unwrap();
         assert!(h.requests[1].partial[0].is_nan(), "a gated token outside the batch is harmful");
@@ -704,9 +741,9 @@ mod tests {
             let mut h = hook(0, 2);
             h.mode = mode;
             h.from_request = mode == Mode::Gated;
-            h.begin_request(0, 2).unwrap();
+            h.begin_request(0, RequestStart::at(2)).unwrap();
             h.requests[0].decision = Some(GateDecision { score: 1.0, harmful: true, layer: 1 });
-            h.begin_request(1, 0).unwrap();
+            h.begin_request(1, RequestStart::at(0)).unwrap();
             h.requests[1].decision = Some(GateDecision { score: -1.0, harmful: false, layer: 1 });
             // Four rows of the flagged sequence 0 (its request starts at position 2), then one of sequence 1.
             h.plan(&Rows(vec![(0, false), (0, false), (0, false), (0, true), (1, true)]), &Reads::NONE).unwrap();
@@ -721,7 +758,7 @@ mod tests {
     #[test]
     fn sequence_ids_outside_the_guard_are_errors() {
         let mut h = hook(0, 2);
-        assert!(h.begin_request(2, 0).is_err());
+        assert!(h.begin_request(2, RequestStart::at(0)).is_err());
         assert!(h.plan(&Rows(vec![(0, true), (7, true)]), &Reads::NONE).unwrap_err().to_string().contains("sequence 7"));
         assert!(h.plan(&Rows(vec![(-1, true)]), &Reads::NONE).is_err());
         assert!(h.undecided(0) && !h.is_steered(0), "a gated request with no decision is never served as harmless");

@@ -93,6 +93,8 @@ pub struct GateFit {
     pub terms: Vec<Term>,
     /// The bias of `terms`.
     pub bias: Option<f32>,
+    /// [`Gate::context_floor`](crate::gate::Gate::context_floor) of `terms`.
+    pub context_floor: Option<f32>,
     /// The chosen gate's cross-validated TPR per family, and FPR on plain,
     /// wrapped and multi-turn harmless prompts.
     pub chosen: Option<(Vec<f32>, Vec<f32>)>,
@@ -337,6 +339,9 @@ fn write_calibration(w: &mut GgufWriter, cal: &Calibration) {
             w.set(&key(&format!("gate.term.{i}")), GgufValue::F32Array(t.weights.clone()));
         }
         w.set(&key("gate.terms_bias"), GgufValue::F32(bias));
+        if let Some(floor) = g.context_floor {
+            w.set(&key("gate.context_floor"), GgufValue::F32(floor));
+        }
     }
     if let Some((tpr, fpr)) = &g.chosen {
         w.set(&key("gate.chosen_family_tpr"), GgufValue::F32Array(tpr.clone()));
@@ -516,11 +521,16 @@ fn read_gate_fit(r: &Reader, n_layer: usize, n_embd: usize) -> Result<GateFit> {
         }
         Err(_) => (Vec::new(), None),
     };
+    let context_floor = match r.0.get(&key("gate.context_floor")) {
+        None => None,
+        Some(GgufValue::F32(f)) if f.is_finite() && !terms.is_empty() => Some(f),
+        Some(_) => bail!("metadata {} is not a finite float beside gate terms", key("gate.context_floor")),
+    };
     let chosen = match (r.0.get(&key("gate.chosen_family_tpr")), r.0.get(&key("gate.chosen_fpr"))) {
         (Some(GgufValue::F32Array(t)), Some(GgufValue::F32Array(f))) if t.len() == families.len() => Some((t, f)),
         _ => None,
     };
-    Ok(GateFit { offset, direction, families, family_tpr, held_out, terms, bias, chosen })
+    Ok(GateFit { offset, direction, families, family_tpr, held_out, terms, bias, context_floor, chosen })
 }
 
 #[cfg(test)]

@@ -59,6 +59,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
     let unused = Steering::new(&vectors, Strength::Alpha(0.0), &[gate.layer()], model.n_layer())?;
     let mut hook = SteerHook::new(Mode::Gated, Some(gate.clone()), unused, parallel)?;
     hook.set_opening(template.opening(&model)?);
+    hook.set_user_header(template.user_header(&model)?);
     let mut ctx = Context::new(&model, &params, hook, true)?;
     let mut engine = Engine::new(&model, &mut ctx, parallel);
     let bar = progress(prompts.len() as u64, "classify");

@@ -153,7 +153,7 @@ fn print_ranked(ranked: &[Candidate]) {
 }
 
 /// What the multi-turn FPR measures, and what it leaves out.
-pub const MULTI_TURN_NOTE: &str = "* multi-turn: harmless requests after a harmful turn, their last turn read alone; served, the gate reads the whole conversation and flags about half of these (README, Conversations)";
+pub const MULTI_TURN_NOTE: &str = "* multi-turn: harmless requests after a harmful turn, their last turn read alone, as served where the last-token terms stay at or under the context floor (README, Conversations)";
 
 /// Training instructions per class of the shipped Qwen file; with 64 the
 /// gate flagged 93-97% of wrapped harmful prompts on three sets against

@@ -98,6 +98,10 @@ pub fn print_layer_table(cal: &Calibration) {
         println!("\ngate: one direction at layer {}, token {} before the last", cal.gate_layer, g.offset);
     } else {
         println!("\ngate: {} (decides at layer {}), bias {:.3}", g.terms.iter().map(describe_term).collect::<Vec<_>>().join(" + "), cal.gate_layer, g.bias.unwrap_or(f32::NAN));
+        match g.context_floor {
+            Some(floor) => println!("earlier turns: read when the last-token terms sum above {floor:.3}, else the last user turn alone (harmless requests after a harmful turn, out of fold)"),
+            None => println!("earlier turns: always read"),
+        }
     }
     let chosen = g.chosen.as_ref().map(|(tpr, _)| tpr.clone());
     let tprs = chosen.or_else(|| (!g.families.is_empty()).then(|| g.family_tpr.iter().map(|t| t.get(cal.gate_layer).copied().unwrap_or(f32::NAN)).collect()));
