@@ -357,8 +357,9 @@ fn final_gate(features: &Features, parts: &[PartKey], validation: &Validation, h
 /// Share of harmless requests after a harmful turn whose earlier turns the
 /// gate still reads. A request that only says "go on" sits near their top
 /// (its last token carries the earlier request): with Qwen, a floor that 2%
-/// of them clear let 54 of 60 "go on" conversations through, one that 10%
-/// clear none (README, Conversations).
+/// of them clear (0.058) would have passed at least 54 of 60 "go on"
+/// conversations; the one 10% clear (-0.725) passes none that reading every
+/// turn flagged (README, Conversations).
 pub const CONTEXT_SHARE: f32 = 0.1;
 
 /// The gate's [`context_floor`](crate::gate::Gate::context_floor): the sum of
