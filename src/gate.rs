@@ -183,13 +183,14 @@ impl Gate {
             return f32::NAN;
         }
         let read = |v: f32| if v == f32::NEG_INFINITY { f32::NAN } else { v };
-        let sum = |values: &[f32], kind: fn(&Read) -> bool| -> f32 {
-            self.terms.iter().zip(values).filter(|(t, _)| kind(&t.read)).map(|(_, &v)| read(v)).sum()
+        // The values of the request terms (`request`) or of the token terms.
+        let sum = |values: &[f32], request: bool| -> f32 {
+            self.terms.iter().zip(values).filter(|(t, _)| (t.read == Read::RequestMax) == request).map(|(_, &v)| read(v)).sum()
         };
-        let tokens = sum(whole, |r| *r != Read::RequestMax);
+        let tokens = sum(whole, false);
         let reads_context = self.context_floor.is_none_or(|floor| tokens.is_nan() || tokens > floor);
-        let request = sum(whole, |r| *r == Read::RequestMax);
-        let request = if reads_context || request.is_nan() { request } else { sum(last_turn, |r| *r == Read::RequestMax) };
+        let request = sum(whole, true);
+        let request = if reads_context || request.is_nan() { request } else { sum(last_turn, true) };
         tokens + request + self.bias
     }
 
